@@ -40,6 +40,10 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     path = check_output_dir(path, overwrite).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    # mkdtemp makes the folder private (0700); the finished output gets the usual umask mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         # Re-check: another process may have created the output while we were writing.

@@ -1,0 +1,106 @@
+"""Families whose transformers config has ``num_key_value_heads``: the converted checkpoint loads
+with stock transformers and no custom code. Each entry is data; see ``base.py`` for the meaning."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import CheckpointError
+from .base import Architecture, AttentionModule, Packing, heads, standard_dims
+
+# q/k/v/o projections as separate Linear layers, heads stacked on the output rows; o_proj's
+# input columns are the concatenated heads. Biases, where a family has them, follow their rows.
+SEPARATE_QKVO = {
+    "q_proj.weight": heads("q"),
+    "q_proj.bias": heads("q"),
+    "k_proj.weight": heads("k"),
+    "k_proj.bias": heads("k"),
+    "v_proj.weight": heads("v"),
+    "v_proj.bias": heads("v"),
+    "o_proj.weight": heads("o", axis=1),
+}
+
+
+def _llama_like(
+    name: str,
+    model_types: tuple[str, ...],
+    *,
+    extra: Mapping[str, Packing] | None = None,
+    out_proj: str = "o_proj",
+    head_dim_key: str | None = "head_dim",
+    notes: str = "",
+    extra_checks: tuple = (),
+) -> Architecture:
+    tensors = dict(SEPARATE_QKVO)
+    if out_proj != "o_proj":
+        del tensors["o_proj.weight"]
+        tensors[f"{out_proj}.weight"] = heads("o", axis=1)
+    tensors.update(extra or {})
+    module = AttentionModule(
+        pattern=r"layers\.\d+\.self_attn",
+        tensors=tensors,
+        dims=standard_dims(head_dim_key=head_dim_key or "head_dim"),
+    )
+    return Architecture(
+        name=name,
+        model_types=model_types,
+        modules=(module,),
+        head_dim_key=head_dim_key,
+        notes=notes,
+        extra_checks=extra_checks,
+    )
+
+
+def _no_per_head_qk_norm(cfg: Mapping[str, Any]) -> None:
+    # StableLM's qk_layernorm keeps one LayerNorm module per head (k_layernorm.norms.{i}); the
+    # converter does not yet rewrite per-head module lists.
+    if cfg.get("qk_layernorm"):
+        raise CheckpointError(
+            "StableLM checkpoints with qk_layernorm=true (per-head K norms) are not supported yet; "
+            "convert a checkpoint without qk_layernorm"
+        )
+
+
+NATIVE: tuple[Architecture, ...] = (
+    _llama_like("Llama", ("llama",)),
+    _llama_like("Mistral", ("mistral",)),
+    _llama_like("Mixtral", ("mixtral",)),
+    _llama_like("Qwen2", ("qwen2",), head_dim_key=None, notes="biases on q/k/v are merged with their heads"),
+    _llama_like(
+        "Qwen3",
+        ("qwen3",),
+        notes="q_norm/k_norm are one [head_dim] weight shared by all heads and stay unchanged",
+    ),
+    _llama_like("Gemma", ("gemma",)),
+    _llama_like("Gemma2", ("gemma2",)),
+    _llama_like("Granite", ("granite",), head_dim_key=None),
+    _llama_like("OLMo", ("olmo",), head_dim_key=None),
+    _llama_like(
+        "OLMo2",
+        ("olmo2",),
+        head_dim_key=None,
+        # OLMo2 normalises the whole K projection: its [Hkv*d] weight changes with the heads.
+        extra={"q_norm.weight": heads("q"), "k_norm.weight": heads("k")},
+        notes="k_norm spans the whole K projection and is merged with the K heads",
+    ),
+    _llama_like("Phi", ("phi",), out_proj="dense", head_dim_key=None, notes="partial rotary is unaffected"),
+    _llama_like(
+        "StableLM", ("stablelm",), head_dim_key=None, extra_checks=(_no_per_head_qk_norm,)
+    ),
+    _llama_like("Starcoder2", ("starcoder2",), head_dim_key=None),
+    Architecture(
+        name="Phi-3",
+        model_types=("phi3",),
+        modules=(
+            AttentionModule(
+                pattern=r"layers\.\d+\.self_attn",
+                # Fused rows [Q (H*d) | K (Hkv*d) | V (Hkv*d)].
+                tensors={"qkv_proj.weight": Packing("qkv_blocks"), "o_proj.weight": heads("o", axis=1)},
+                dims=standard_dims(),
+            ),
+        ),
+        head_dim_key=None,
+        notes="fused qkv_proj rows [Q|K|V]",
+    ),
+)

@@ -1,0 +1,153 @@
+"""``gqa-convert``: merge the K/V heads of a checkpoint into fewer groups (MHA → GQA/MQA)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..card import _fmt_bytes
+from ..merging import METHODS
+from ._common import console, main_for, make_app, run_command, setup_logging
+
+app = make_app(
+    "Convert a multi-head-attention checkpoint to grouped-query attention by merging the key/value "
+    "heads of each attention layer into [bold]--num-kv-heads[/] groups (Ainslie et al. 2023).\n\n"
+    "Tensors stream one at a time from SOURCE into sharded safetensors, so memory stays at a few "
+    "tensors whatever the model size. OUTPUT is written to a temporary folder beside it and renamed "
+    "into place only when complete."
+)
+
+Method = Enum("Method", {name: name for name in METHODS}, type=str)  # type: ignore[misc]
+DType = Enum("DType", {n: n for n in ("float32", "float16", "bfloat16")}, type=str)  # type: ignore[misc]
+
+IO = "Input / output"
+CONV = "Conversion"
+HUB = "Hugging Face Hub"
+
+
+@app.command()
+def convert(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Checkpoint to convert: a local folder (safetensors, sharded with an index, or GGUF), "
+            "a .gguf file, or a Hub repo id such as [cyan]meta-llama/Llama-2-7b-hf[/].",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[Path, typer.Argument(help="Folder to write the converted checkpoint to.", show_default=False)],
+    num_kv_heads: Annotated[
+        int,
+        typer.Option(
+            "--num-kv-heads",
+            "-g",
+            help="Key/value heads per layer after conversion (G). Must divide the current number: "
+            "1 gives multi-query attention (MQA); the current number copies the model unchanged.",
+            rich_help_panel=CONV,
+            show_default=False,
+        ),
+    ],
+    method: Annotated[
+        Method,
+        typer.Option(
+            help="How a group of K/V heads becomes one: [bold]mean[/] averages them (the paper's method, "
+            "best of the three); [bold]first[/] keeps each group's first head; [bold]random[/] draws new "
+            "heads at random (the paper's ablations).",
+            rich_help_panel=CONV,
+        ),
+    ] = "mean",  # type: ignore[assignment]
+    seed: Annotated[int, typer.Option(help="Seed for --method random.", rich_help_panel=CONV)] = 0,
+    dtype: Annotated[
+        DType | None,
+        typer.Option(
+            help="Cast floating-point weights to this dtype. Default: keep the source's dtype "
+            "(GGUF sources are dequantized to float32).",
+            rich_help_panel=IO,
+            show_default=False,
+        ),
+    ] = None,
+    max_shard_size: Annotated[
+        str, typer.Option(help="Largest output shard, e.g. 5GB or 500MB.", rich_help_panel=IO)
+    ] = "5GB",
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace OUTPUT if it exists and is not empty (it is replaced only once the new "
+            "checkpoint is complete).",
+            rich_help_panel=IO,
+        ),
+    ] = False,
+    gguf_file: Annotated[
+        str | None,
+        typer.Option(help="Which GGUF file in SOURCE to read, when it holds several.", rich_help_panel=IO),
+    ] = None,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="Accept pickled pytorch_model*.bin weights (loaded with torch weights_only=True). "
+            "Off by default: pickles can run code.",
+            rich_help_panel=IO,
+        ),
+    ] = False,
+    revision: Annotated[
+        str | None,
+        typer.Option(help="Hub branch, tag or commit of SOURCE. The token comes from HF_TOKEN or `hf auth login`.", rich_help_panel=HUB),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Convert SOURCE to grouped-query attention with --num-kv-heads K/V heads and write OUTPUT."""
+    setup_logging(verbose)
+    from ..conversion import convert as run
+
+    command = "gqa-convert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = run_command(
+        lambda: run(
+            source,
+            output,
+            num_kv_heads,
+            method.value,
+            revision=revision,
+            gguf_file=gguf_file,
+            allow_pickle=allow_pickle,
+            dtype=dtype.value if dtype else None,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            seed=seed,
+            command=command,
+            progress=not quiet,
+        )
+    )
+    if quiet:
+        return
+    table = Table(title=f"{result.architecture}: {result.num_kv_heads_before} → {result.num_kv_heads_after} K/V heads ({result.method})")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("query heads", str(result.num_heads), str(result.num_heads))
+    table.add_row("K/V heads", str(result.num_kv_heads_before), str(result.num_kv_heads_after))
+    table.add_row("parameters", f"{result.params_before:,}", f"{result.params_after:,}")
+    table.add_row(
+        f"KV cache / token ({result.dtype})",
+        _fmt_bytes(result.kv_bytes_per_token_before),
+        _fmt_bytes(result.kv_bytes_per_token_after),
+    )
+    console.print(table)
+    console.print(f"KV cache {100 * result.kv_reduction:.1f}% smaller · {result.seconds:.1f}s · written to [bold]{result.output}[/]")
+    if result.needs_trust_remote_code:
+        console.print(
+            f"[yellow]{result.architecture} has no GQA in transformers:[/] load with trust_remote_code=True "
+            "(or import gqa_uptrain first)."
+        )
+
+
+main = main_for(app)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""MHA → GQA conversion: stream a checkpoint's tensors, merge K/V heads, write a new checkpoint.
+
+The flow (every step bounded by one attention module's tensors in memory):
+
+1. resolve the source and read its config; find the family adapter (``architectures``);
+2. list tensors from the file headers and group each attention module's head-carrying tensors;
+3. check every such tensor's shape against the config, plan every output tensor's shape;
+4. stream: pass-through tensors are copied byte for byte, attention modules are read, unpacked
+   into head blocks, merged by the method, packed and written, into a temporary folder;
+5. write config, tokenizer, generation config, model card (and modelling code for families
+   without native GQA), then rename the folder into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .architectures import Architecture, AttentionModule, get_architecture
+from .architectures.base import AttentionDims
+from .checkpoint import TOKENIZER_FILES, Source, TensorInfo, dtype_itemsize, iter_tensor_groups, open_source
+from .errors import CheckpointError, ConfigError
+from .merging import MergeContext, MergeMethod, get_method
+from .outputs import atomic_output_dir, check_output_dir
+from .writer import PlannedTensor, ShardedWriter, parse_size
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ConversionResult:
+    """What a conversion did, for the summary, the model card and callers."""
+
+    output: str
+    source: str
+    architecture: str
+    model_type: str
+    method: str
+    num_heads: int
+    num_kv_heads_before: int
+    num_kv_heads_after: int
+    head_dim: int
+    converted_modules: int
+    params_before: int
+    params_after: int
+    kv_bytes_per_token_before: int
+    kv_bytes_per_token_after: int
+    dtype: str
+    seconds: float
+    needs_trust_remote_code: bool
+    command: str | None = None
+    files: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kv_reduction(self) -> float:
+        """Fraction of the KV cache saved, 0..1."""
+        b = self.kv_bytes_per_token_before
+        return 0.0 if not b else 1 - self.kv_bytes_per_token_after / b
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kv_reduction"] = self.kv_reduction
+        return d
+
+
+@dataclass
+class _Unit:
+    """One attention module's head-carrying tensors (or a lone pass-through tensor)."""
+
+    infos: list[TensorInfo]
+    module: AttentionModule | None = None
+    module_name: str = ""
+    suffixes: list[str] = field(default_factory=list)
+
+
+def _classify(arch: Architecture, info: TensorInfo) -> tuple[AttentionModule, str, str] | None:
+    for module in arch.modules:
+        hit = module.match(info.name)
+        if hit:
+            return module, hit[0], hit[1]
+    return None
+
+
+def _group_units(arch: Architecture, infos: list[TensorInfo]) -> list[_Unit]:
+    hits = {i.name: _classify(arch, i) for i in infos}
+    units = []
+    for key, group in iter_tensor_groups(infos, lambda i: hits[i.name][1] if hits[i.name] else None):
+        first = hits[group[0].name]
+        if first is None:
+            units.append(_Unit(group))
+        else:
+            units.append(_Unit(group, first[0], key, [hits[i.name][2] for i in group]))
+    return units
+
+
+def _check_shapes(unit: _Unit, config: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors disagree with its config, naming the tensor."""
+    assert unit.module is not None
+    dims = unit.module.dims(config)
+    for info, suffix in zip(unit.infos, unit.suffixes):
+        p = unit.module.tensors[suffix]
+        want = p.axis_size(dims, dims.num_kv_heads)
+        if len(info.shape) <= p.axis or info.shape[p.axis] != want:
+            raise CheckpointError(
+                f"tensor {info.name} has shape {list(info.shape)} but config.json ({dims.num_heads} heads, "
+                f"{dims.num_kv_heads} K/V heads, head_dim {dims.head_dim}) implies {want} along dim {p.axis}; "
+                "the config does not match the weights"
+            )
+    if unit.module.convert and not any(
+        r in ("k", "v") for s in unit.suffixes for r in unit.module.tensors[s].roles()
+    ):
+        raise CheckpointError(
+            f"attention module {unit.module_name} has no K/V projection tensors; the checkpoint is incomplete"
+        )
+
+
+def _out_shape(unit: _Unit, info: TensorInfo, suffix: str, config: dict[str, Any], g: int) -> tuple[int, ...]:
+    assert unit.module is not None
+    if not unit.module.convert:
+        return info.shape
+    p = unit.module.tensors[suffix]
+    shape = list(info.shape)
+    shape[p.axis] = p.axis_size(unit.module.dims(config), g)
+    return tuple(shape)
+
+
+def _out_dtype(dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
+    return target if (target is not None and dtype.is_floating_point) else dtype
+
+
+def _merge_unit(
+    unit: _Unit, tensors: list[torch.Tensor], config: dict[str, Any], method: MergeMethod, g: int, seed: int
+) -> list[torch.Tensor]:
+    """Merge one module's K/V heads: unpack each tensor, merge the blocks, pack back."""
+    module = unit.module
+    assert module is not None
+    if not module.convert:
+        return tensors
+    dims: AttentionDims = module.dims(config)
+    blocks = {s: module.tensors[s].unpack(t, dims) for s, t in zip(unit.suffixes, tensors)}
+    merged = method.merge(blocks, MergeContext(unit.module_name, g, seed))
+    return [module.tensors[s].pack(merged[s], dims) for s in unit.suffixes]
+
+
+def _dtype_name(config: dict[str, Any], infos: list[TensorInfo]) -> str:
+    name = config.get("dtype") or config.get("torch_dtype")
+    if name:
+        return str(name)
+    floats = [i.dtype for i in infos if i.dtype.is_floating_point]
+    return str(floats[0]).removeprefix("torch.") if floats else "float32"
+
+
+def convert(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    num_kv_heads: int,
+    method: str | MergeMethod = "mean",
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    gguf_file: str | None = None,
+    allow_pickle: bool = False,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    seed: int = 0,
+    command: str | None = None,
+    progress: bool = True,
+    before_write: Callable[[Source], None] | None = None,
+) -> ConversionResult:
+    """Convert the checkpoint at ``source`` to ``num_kv_heads`` K/V heads and write it to ``output``.
+
+    Args:
+        source: a local checkpoint folder, a ``.gguf`` file, or a Hub repo id.
+        output: the folder to create (written to a temporary sibling, renamed when complete).
+        num_kv_heads: G, the K/V heads wanted; must divide the source's K/V heads.
+        method: ``mean`` (the paper), ``first`` or ``random`` (its ablations), or a
+            :class:`~gqa_uptrain.merging.MergeMethod`.
+        revision, token: Hub revision and token (None: ``HF_TOKEN`` or the login cache).
+        gguf_file: which GGUF file in the source folder, when it holds several.
+        allow_pickle: accept ``pytorch_model*.bin`` weights (loaded with ``weights_only=True``).
+        dtype: ``float32``/``float16``/``bfloat16`` to cast floating tensors; None keeps them.
+        max_shard_size: largest shard, e.g. ``"5GB"``.
+        overwrite: replace a non-empty ``output``.
+        seed: seed for ``random``.
+        command: the command line, recorded in the model card.
+        progress: show a progress bar.
+        before_write: called with the opened source once it is validated (used by methods
+            that need calibration data before streaming).
+
+    Returns:
+        A :class:`ConversionResult` with head counts, parameter counts and KV-cache sizes.
+    """
+    t0 = time.perf_counter()
+    merge = get_method(method) if isinstance(method, str) else method
+    target_dtype = None
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ConfigError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        target_dtype = DTYPES[dtype]
+    shard_bytes = parse_size(max_shard_size)
+    check_output_dir(output, overwrite)
+
+    src = open_source(source, revision=revision, token=token, gguf_file=gguf_file, allow_pickle=allow_pickle)
+    try:
+        config = src.config
+        arch = get_architecture(config)
+        dims = arch.check_config(config)
+        dims.check_target(num_kv_heads)
+        infos = src.reader.infos()
+        units = _group_units(arch, infos)
+        modules = [u for u in units if u.module is not None]
+        for u in modules:
+            _check_shapes(u, config)
+        n_converted = len({u.module_name for u in modules if u.module.convert})  # type: ignore[union-attr]
+        if n_converted == 0:
+            raise CheckpointError(
+                f"no attention tensors of the {arch.name} layout found in {src.name}; "
+                "the weights do not match config.json's model_type"
+            )
+
+        plan: list[PlannedTensor] = []
+        for u in units:
+            for k, info in enumerate(u.infos):
+                shape = _out_shape(u, info, u.suffixes[k], config, num_kv_heads) if u.module else info.shape
+                plan.append(PlannedTensor(info.name, shape, _out_dtype(info.dtype, target_dtype)))
+        if before_write is not None:
+            before_write(src)
+
+        out_config = arch.output_config(config, num_kv_heads)
+        dtype_name = dtype or _dtype_name(config, infos)
+        if dtype:
+            out_config["dtype"] = dtype
+            if "torch_dtype" in out_config:
+                out_config["torch_dtype"] = dtype
+        itemsize = dtype_itemsize(DTYPES.get(dtype_name, torch.float32))
+        result = ConversionResult(
+            output=str(Path(output).absolute()),
+            source=src.name,
+            architecture=arch.name,
+            model_type=str(config.get("model_type")),
+            method=merge.name,
+            num_heads=dims.num_heads,
+            num_kv_heads_before=dims.num_kv_heads,
+            num_kv_heads_after=num_kv_heads,
+            head_dim=dims.head_dim,
+            converted_modules=n_converted,
+            params_before=sum(i.nbytes // dtype_itemsize(i.dtype) for i in infos),
+            params_after=sum(p.nbytes // dtype_itemsize(p.dtype) for p in plan),
+            kv_bytes_per_token_before=arch.kv_cache_bytes_per_token(config, None, itemsize),
+            kv_bytes_per_token_after=arch.kv_cache_bytes_per_token(config, num_kv_heads, itemsize),
+            dtype=dtype_name,
+            seconds=0.0,
+            needs_trust_remote_code=not arch.native,
+            command=command,
+        )
+
+        with atomic_output_dir(output, overwrite) as tmp:
+            _stream(src, units, plan, tmp, shard_bytes, config, merge, num_kv_heads, seed, target_dtype, progress)
+            _write_support_files(src, arch, tmp, out_config)
+            result.seconds = time.perf_counter() - t0
+            from .card import write_conversion_card
+
+            write_conversion_card(tmp, result, config)
+            result.files = sorted(p.name for p in tmp.iterdir())
+    finally:
+        src.close()
+    result.seconds = time.perf_counter() - t0
+    logger.info("converted %s to %d K/V heads in %.1fs: %s", src.name, num_kv_heads, result.seconds, output)
+    return result
+
+
+def _stream(
+    src: Source,
+    units: list[_Unit],
+    plan: list[PlannedTensor],
+    folder: Path,
+    shard_bytes: int,
+    config: dict[str, Any],
+    merge: MergeMethod,
+    g: int,
+    seed: int,
+    target_dtype: torch.dtype | None,
+    progress: bool,
+) -> None:
+    reader = src.reader
+    copy_raw = getattr(reader, "copy_raw", None)
+    total = sum(i.nbytes for u in units for i in u.infos)
+    with (
+        ShardedWriter(folder, plan, shard_bytes) as writer,
+        tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar,
+    ):
+        for u in units:
+            if u.module is None:
+                (info,) = u.infos
+                if copy_raw is not None and _out_dtype(info.dtype, target_dtype) == info.dtype:
+                    writer.write_with(info.name, lambda f, info=info: copy_raw(info, f))
+                else:
+                    t = reader.read(info)
+                    writer.write(info.name, t.to(_out_dtype(t.dtype, target_dtype)))
+            else:
+                tensors = [reader.read(i) for i in u.infos]
+                for info, t in zip(u.infos, _merge_unit(u, tensors, config, merge, g, seed)):
+                    writer.write(info.name, t.to(_out_dtype(t.dtype, target_dtype)))
+            bar.update(sum(i.nbytes for i in u.infos))
+
+
+def _write_support_files(src: Source, arch: Architecture, folder: Path, out_config: dict[str, Any]) -> None:
+    """config.json, tokenizer files, generation config and, where needed, modelling code."""
+    (folder / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
+    if src.gguf_file is not None:
+        from .gguf_source import write_gguf_support_files
+
+        write_gguf_support_files(src, folder)
+    else:
+        for name in TOKENIZER_FILES:
+            p = src.folder / name
+            if p.is_file():
+                shutil.copyfile(p, folder / name)
+    if not (folder / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        try:
+            GenerationConfig.from_dict(
+                {k: out_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in out_config}
+            ).save_pretrained(folder)
+        except Exception as e:  # a generation config is a convenience; never fail the conversion on it
+            logger.warning("no generation_config.json written: %s", e)
+    if arch.remote_code is not None:
+        for path in arch.remote_code.files():
+            shutil.copyfile(path, folder / Path(path).name)

@@ -1,0 +1,107 @@
+"""GGUF checkpoints (llama.cpp's single-file format) as a tensor-by-tensor source.
+
+The GGUF file is memory-mapped by ``gguf.GGUFReader`` and each tensor is dequantized to float32
+only when the converter asks for it. Tensor names and llama.cpp's row permutation of Q and K are
+undone with transformers' own GGUF tables (``transformers.modeling_gguf_pytorch_utils``), the
+same code ``from_pretrained(..., gguf_file=...)`` uses, so both routes give the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import Source, TensorInfo
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+
+class GGUFReader:
+    """Reads and dequantizes GGUF tensors one at a time, under their Hugging Face names."""
+
+    def __init__(self, path: Path, config):
+        import gguf
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            load_gguf_checkpoint,
+        )
+
+        self._dequantize = gguf.dequantize
+        self._reader = gguf.GGUFReader(path)
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+        arch = parsed["config"].get("model_type")
+        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+        # The name map is computed from a weightless model skeleton on the meta device.
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        self._names = get_gguf_hf_weights_map(skeleton, self._processor)
+        self._tensors = {}
+        self._infos = []
+        for t in self._reader.tensors:
+            hf = self._names.get(t.name)
+            if hf is None:
+                logger.debug("GGUF tensor %s has no Hugging Face counterpart; skipped", t.name)
+                continue
+            shape = tuple(int(s) for s in reversed([int(x) for x in t.shape]))
+            self._tensors[hf] = t
+            self._infos.append(TensorInfo(hf, shape, torch.float32))
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        t = self._tensors[info.name]
+        w = self._dequantize(t.data, t.tensor_type)
+        w = self._processor.process(weights=w, name=t.name, tensor_key_mapping=self._names, parsed_parameters={}).weights
+        # Unquantized GGUF tensors come back as read-only views of the mmap: copy those.
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if not w.flags.writeable:
+            w = w.copy()
+        return torch.from_numpy(w).reshape(info.shape)
+
+    def close(self) -> None:
+        pass
+
+
+def open_gguf(path: Path, name: str) -> Source:
+    """Open a GGUF file as a :class:`~gqa_uptrain.checkpoint.Source` (config from its metadata)."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # gguf raises plain errors on corrupt files
+        raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    config_dict = config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config_dict["dtype"] = "float32"  # GGUF tensors are dequantized to float32
+    return Source(
+        folder=path.parent,
+        config=config_dict,
+        reader=GGUFReader(path, config),
+        name=name,
+        gguf_file=path,
+    )
+
+
+def write_gguf_support_files(src: Source, folder: Path) -> None:
+    """Tokenizer and generation config rebuilt from the GGUF metadata, as transformers reads them."""
+    from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig
+
+    assert src.gguf_file is not None
+    try:
+        tok = AutoTokenizer.from_pretrained(src.gguf_file.parent, gguf_file=src.gguf_file.name)
+        tok.save_pretrained(folder)
+    except Exception as e:  # a model without a usable tokenizer is still a model
+        logger.warning("could not rebuild the tokenizer from %s: %s", src.gguf_file.name, e)
+    cfg = PretrainedConfig.from_dict({k: v for k, v in src.config.items() if k.endswith("token_id")})
+    GenerationConfig.from_model_config(cfg).save_pretrained(folder)
