@@ -110,7 +110,7 @@ def _check_shapes(unit: _Unit, config: dict[str, Any]) -> None:
     """Refuse a checkpoint whose tensors disagree with its config, naming the tensor."""
     assert unit.module is not None
     dims = unit.module.dims(config)
-    for info, suffix in zip(unit.infos, unit.suffixes):
+    for info, suffix in zip(unit.infos, unit.suffixes, strict=True):
         p = unit.module.tensors[suffix]
         want = p.axis_size(dims, dims.num_kv_heads)
         if len(info.shape) <= p.axis or info.shape[p.axis] != want:
@@ -150,7 +150,7 @@ def _merge_unit(
     if not module.convert:
         return tensors
     dims: AttentionDims = module.dims(config)
-    blocks = {s: module.tensors[s].unpack(t, dims) for s, t in zip(unit.suffixes, tensors)}
+    blocks = {s: module.tensors[s].unpack(t, dims) for s, t in zip(unit.suffixes, tensors, strict=True)}
     merged = method.merge(blocks, MergeContext(unit.module_name, g, seed))
     return [module.tensors[s].pack(merged[s], dims) for s in unit.suffixes]
 
@@ -313,7 +313,7 @@ def _stream(
                     writer.write(info.name, t.to(_out_dtype(t.dtype, target_dtype)))
             else:
                 tensors = [reader.read(i) for i in u.infos]
-                for info, t in zip(u.infos, _merge_unit(u, tensors, config, merge, g, seed)):
+                for info, t in zip(u.infos, _merge_unit(u, tensors, config, merge, g, seed), strict=True):
                     writer.write(info.name, t.to(_out_dtype(t.dtype, target_dtype)))
             bar.update(sum(i.nbytes for i in u.infos))
 
