@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
+from conftest import NATIVE_FAMILIES
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import NATIVE_FAMILIES
 from gqa_uptrain import ConversionResult, convert
 
 IDS = torch.tensor([[1, 5, 9, 33, 17, 64, 3, 99, 12, 7, 80, 41]])
