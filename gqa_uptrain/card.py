@@ -43,7 +43,7 @@ def conversion_section(r: ConversionResult) -> str:
     lines = [
         f"## Conversion to {kind}",
         "",
-        f"Converted from `{r.source}` ({r.architecture}) with [gqa-uptrain](https://github.com/gqa-uptrain/gqa-uptrain): "
+        f"Converted from `{r.source}` ({r.architecture}) with gqa-uptrain: "
         f"the key/value heads of each attention layer were merged with the **{r.method}** method "
         "(Ainslie et al. 2023, *GQA: Training Generalized Multi-Query Transformer Models from Multi-Head "
         "Checkpoints*, arXiv:2305.13245).",

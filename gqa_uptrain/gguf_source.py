@@ -80,9 +80,15 @@ def open_gguf(path: Path, name: str) -> Source:
         raise CheckpointError(f"{path}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # gguf raises plain errors on corrupt files
         raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
-    config_dict = config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config_dict.pop("_name_or_path", None)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    # Only what differs from the family's defaults, as save_pretrained writes it.
+    config_dict = config.to_diff_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config_dict.pop(key, None)
+    arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config_dict.get("model_type", ""))
+    if arch and not config_dict.get("architectures"):
+        config_dict["architectures"] = [arch]
     config_dict["dtype"] = "float32"  # GGUF tensors are dequantized to float32
     return Source(
         folder=path.parent,
