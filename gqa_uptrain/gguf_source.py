@@ -76,10 +76,11 @@ def open_gguf(path: Path, name: str) -> Source:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {str(e).splitlines()[0]}") from None
-    except Exception as e:  # gguf raises plain errors on corrupt files
-        raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    except Exception as e:  # gguf raises plain ValueError/struct errors on corrupt or truncated files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path} could not be read as GGUF ({reason}); it may be truncated or corrupt: re-download it"
+        ) from None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     # Only what differs from the family's defaults, as save_pretrained writes it.

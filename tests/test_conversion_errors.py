@@ -161,3 +161,13 @@ def test_cli_success_and_errors(make_model, tmp_path):
     assert help_.exit_code == 0
     for opt in ("--num-kv-heads", "--method", "--dtype", "--max-shard-size", "--overwrite", "--revision", "--allow-pickle"):
         assert opt in help_.output
+
+
+def test_truncated_or_corrupt_gguf(smollm2_gguf, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for data in (b"garbage", smollm2_gguf.open("rb").read(5000), smollm2_gguf.open("rb").read(20_000_000)):
+        (bad / "model.gguf").write_bytes(data)
+        with pytest.raises(CheckpointError, match="could not be read as GGUF .*re-download it"):
+            convert(bad / "model.gguf", tmp_path / "out", 1, progress=False)
+    assert leftovers(tmp_path) == []
