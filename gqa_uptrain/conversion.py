@@ -77,20 +77,32 @@ class ConversionResult:
 
 
 @dataclass
+class _Slot:
+    """One head-carrying tensor of a module, or a per-head list of tensors (``{i}`` template)."""
+
+    suffix: str
+    infos: list[TensorInfo]  # one tensor, or one per head in head order
+
+    @property
+    def per_head(self) -> bool:
+        return "{i}" in self.suffix
+
+
+@dataclass
 class _Unit:
     """One attention module's head-carrying tensors (or a lone pass-through tensor)."""
 
-    infos: list[TensorInfo]
+    infos: list[TensorInfo]  # storage order
     module: AttentionModule | None = None
     module_name: str = ""
-    suffixes: list[str] = field(default_factory=list)
+    slots: list[_Slot] = field(default_factory=list)
 
 
-def _classify(arch: Architecture, info: TensorInfo) -> tuple[AttentionModule, str, str] | None:
+def _classify(arch: Architecture, info: TensorInfo) -> tuple[AttentionModule, str, str, int | None] | None:
     for module in arch.modules:
         hit = module.match(info.name)
         if hit:
-            return module, hit[0], hit[1]
+            return module, *hit
     return None
 
 
@@ -101,8 +113,14 @@ def _group_units(arch: Architecture, infos: list[TensorInfo]) -> list[_Unit]:
         first = hits[group[0].name]
         if first is None:
             units.append(_Unit(group))
-        else:
-            units.append(_Unit(group, first[0], key, [hits[i.name][2] for i in group]))
+            continue
+        slots: dict[str, list[tuple[int, TensorInfo]]] = {}
+        for info in group:
+            _, _, suffix, head = hits[info.name]  # type: ignore[misc]
+            slots.setdefault(suffix, []).append((head or 0, info))
+        units.append(
+            _Unit(group, first[0], key, [_Slot(s, [i for _, i in sorted(v, key=lambda x: x[0])]) for s, v in slots.items()])
+        )
     return units
 
 
@@ -110,9 +128,21 @@ def _check_shapes(unit: _Unit, config: dict[str, Any]) -> None:
     """Refuse a checkpoint whose tensors disagree with its config, naming the tensor."""
     assert unit.module is not None
     dims = unit.module.dims(config)
-    for info, suffix in zip(unit.infos, unit.suffixes, strict=True):
-        p = unit.module.tensors[suffix]
+    for slot in unit.slots:
+        p = unit.module.tensors[slot.suffix]
         want = p.axis_size(dims, dims.num_kv_heads)
+        if slot.per_head:
+            n_want = want // dims.head_dim
+            bad = [i for i in slot.infos if i.shape != (dims.head_dim,)]
+            if len(slot.infos) != n_want or bad:
+                raise CheckpointError(
+                    f"{unit.module_name}.{slot.suffix}: expected {n_want} per-head tensors of shape "
+                    f"[{dims.head_dim}], found {len(slot.infos)}"
+                    + (f" ({bad[0].name} has shape {list(bad[0].shape)})" if bad else "")
+                    + "; the config does not match the weights"
+                )
+            continue
+        (info,) = slot.infos
         if len(info.shape) <= p.axis or info.shape[p.axis] != want:
             raise CheckpointError(
                 f"tensor {info.name} has shape {list(info.shape)} but config.json ({dims.num_heads} heads, "
@@ -120,39 +150,61 @@ def _check_shapes(unit: _Unit, config: dict[str, Any]) -> None:
                 "the config does not match the weights"
             )
     if unit.module.convert and not any(
-        r in ("k", "v") for s in unit.suffixes for r in unit.module.tensors[s].roles()
+        r in ("k", "v") for s in unit.slots for r in unit.module.tensors[s.suffix].roles()
     ):
         raise CheckpointError(
             f"attention module {unit.module_name} has no K/V projection tensors; the checkpoint is incomplete"
         )
 
 
-def _out_shape(unit: _Unit, info: TensorInfo, suffix: str, config: dict[str, Any], g: int) -> tuple[int, ...]:
-    assert unit.module is not None
-    if not unit.module.convert:
-        return info.shape
-    p = unit.module.tensors[suffix]
-    shape = list(info.shape)
-    shape[p.axis] = p.axis_size(unit.module.dims(config), g)
-    return tuple(shape)
-
-
 def _out_dtype(dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
     return target if (target is not None and dtype.is_floating_point) else dtype
 
 
+def _plan_unit(unit: _Unit, config: dict[str, Any], g: int, target: torch.dtype | None) -> list[PlannedTensor]:
+    """The output tensors of one unit, in the order they will be written."""
+    if unit.module is None:
+        return [PlannedTensor(i.name, i.shape, _out_dtype(i.dtype, target)) for i in unit.infos]
+    dims = unit.module.dims(config)
+    n_kv = g if unit.module.convert else dims.num_kv_heads
+    plan = []
+    for slot in unit.slots:
+        p = unit.module.tensors[slot.suffix]
+        dtype = _out_dtype(slot.infos[0].dtype, target)
+        if slot.per_head:
+            n = p.axis_size(dims, n_kv) // dims.head_dim
+            plan += [
+                PlannedTensor(f"{unit.module_name}.{slot.suffix.format(i=j)}", (dims.head_dim,), dtype) for j in range(n)
+            ]
+        else:
+            (info,) = slot.infos
+            shape = list(info.shape)
+            shape[p.axis] = p.axis_size(dims, n_kv)
+            plan.append(PlannedTensor(info.name, tuple(shape), dtype))
+    return plan
+
+
 def _merge_unit(
-    unit: _Unit, tensors: list[torch.Tensor], config: dict[str, Any], method: MergeMethod, g: int, seed: int
+    unit: _Unit, read: Callable[[TensorInfo], torch.Tensor], config: dict[str, Any], method: MergeMethod, g: int, seed: int
 ) -> list[torch.Tensor]:
-    """Merge one module's K/V heads: unpack each tensor, merge the blocks, pack back."""
+    """Merge one module's K/V heads: unpack each tensor, merge the blocks, pack back.
+
+    Returns the output tensors in the order of :func:`_plan_unit`.
+    """
     module = unit.module
     assert module is not None
-    if not module.convert:
-        return tensors
     dims: AttentionDims = module.dims(config)
-    blocks = {s: module.tensors[s].unpack(t, dims) for s, t in zip(unit.suffixes, tensors, strict=True)}
-    merged = method.merge(blocks, MergeContext(unit.module_name, g, seed))
-    return [module.tensors[s].pack(merged[s], dims) for s in unit.suffixes]
+    # Per-head lists are stacked into one [n * d] tensor so every slot is a plain packed tensor.
+    tensors = {s.suffix: torch.cat([read(i) for i in s.infos]) if s.per_head else read(s.infos[0]) for s in unit.slots}
+    if module.convert:
+        blocks = {s: module.tensors[s].unpack(t, dims) for s, t in tensors.items()}
+        merged = method.merge(blocks, MergeContext(unit.module_name, g, seed))
+        tensors = {s: module.tensors[s].pack(merged[s], dims) for s in tensors}
+    out = []
+    for slot in unit.slots:
+        t = tensors[slot.suffix]
+        out += list(t.view(-1, dims.head_dim).unbind(0)) if slot.per_head else [t]
+    return out
 
 
 def _dtype_name(config: dict[str, Any], infos: list[TensorInfo]) -> str:
@@ -232,11 +284,7 @@ def convert(
                 "the weights do not match config.json's model_type"
             )
 
-        plan: list[PlannedTensor] = []
-        for u in units:
-            for k, info in enumerate(u.infos):
-                shape = _out_shape(u, info, u.suffixes[k], config, num_kv_heads) if u.module else info.shape
-                plan.append(PlannedTensor(info.name, shape, _out_dtype(info.dtype, target_dtype)))
+        plan = [t for u in units for t in _plan_unit(u, config, num_kv_heads, target_dtype)]
         if before_write is not None:
             before_write(src)
 
@@ -312,9 +360,9 @@ def _stream(
                     t = reader.read(info)
                     writer.write(info.name, t.to(_out_dtype(t.dtype, target_dtype)))
             else:
-                tensors = [reader.read(i) for i in u.infos]
-                for info, t in zip(u.infos, _merge_unit(u, tensors, config, merge, g, seed), strict=True):
-                    writer.write(info.name, t.to(_out_dtype(t.dtype, target_dtype)))
+                outputs = _merge_unit(u, reader.read, config, merge, g, seed)
+                for planned, t in zip(_plan_unit(u, config, g, target_dtype), outputs, strict=True):
+                    writer.write(planned.name, t.to(planned.dtype).contiguous())
             bar.update(sum(i.nbytes for i in u.infos))
 
 

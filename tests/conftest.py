@@ -92,6 +92,10 @@ def tie_kv_groups(model: torch.nn.Module, groups: int) -> None:
         k_norm = getattr(attn, "k_norm", None)
         if k_norm is not None and k_norm.weight.numel() == hkv * d:  # OLMo2: whole-projection norm
             tie_rows(k_norm.weight)
+        k_ln = getattr(attn, "k_layernorm", None)
+        if k_ln is not None and hasattr(k_ln, "norms"):  # StableLM qk_layernorm: one LayerNorm per head
+            for i, norm in enumerate(k_ln.norms):
+                norm.load_state_dict(k_ln.norms[i - i % g].state_dict())
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import NATIVE_FAMILIES
+from conftest import NATIVE_FAMILIES, tie_kv_groups
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -58,6 +58,14 @@ def mean_oracle(model: torch.nn.Module, groups: int) -> torch.nn.Module:
                 pool(proj.bias)
         if getattr(attn, "k_norm", None) is not None and attn.k_norm.weight.numel() == hkv * d:
             pool(attn.k_norm.weight)
+        if hasattr(getattr(attn, "k_layernorm", None), "norms"):  # StableLM: a LayerNorm per head
+            for kind in ("weight", "bias"):
+                params = [getattr(n, kind) for n in attn.k_layernorm.norms]
+                if params[0] is not None:
+                    stacked = torch.stack(params)  # [Hkv, d]
+                    pool(stacked.view(-1))
+                    for param, row in zip(params, stacked, strict=True):
+                        param.copy_(row)
     return m
 
 
@@ -97,6 +105,30 @@ def test_same_head_count_is_bit_identical(family, make_model, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("groups", [2, None])
+def test_stablelm_per_head_qk_layernorm(groups, make_model, tmp_path):
+    """StableLM's qk_layernorm keeps one LayerNorm per head (k_layernorm.norms.{i}): the per-head
+    K norms are merged like the heads and the output has one norm per new K/V head."""
+    _, model = make_model("stablelm", qk_layernorm=True)
+    with torch.no_grad():  # LayerNorms start at weight 1: make the per-head norms differ
+        for name, p in model.named_parameters():
+            if "layernorm.norms" in name:
+                p.normal_(1.0, 0.5)
+    if groups:
+        tie_kv_groups(model, groups)
+    src = tmp_path / "stablelm-qk"
+    model.save_pretrained(src)
+    convert(src, tmp_path / "out", 2, progress=False)
+    conv = load(tmp_path / "out")
+    assert len(conv.model.layers[0].self_attn.k_layernorm.norms) == 2
+    assert len(conv.model.layers[0].self_attn.q_layernorm.norms) == 4
+    names = set(all_tensors(tmp_path / "out"))
+    assert "model.layers.1.self_attn.k_layernorm.norms.1.weight" in names
+    assert "model.layers.1.self_attn.k_layernorm.norms.2.weight" not in names
+    expected = logits(model) if groups else logits(mean_oracle(model, 2))
+    torch.testing.assert_close(logits(conv), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_gqa_to_fewer_heads(make_model, tmp_path):

@@ -132,13 +132,24 @@ class AttentionModule:
     cached: bool = True
     count: Callable[[Mapping[str, Any]], int] = lambda cfg: int(cfg["num_hidden_layers"])
 
-    def match(self, name: str) -> tuple[str, str] | None:
-        """``(module_name, suffix)`` if ``name`` is one of this module's head-carrying tensors."""
+    def match(self, name: str) -> tuple[str, str, int | None] | None:
+        """``(module_name, suffix, head)`` if ``name`` is one of this module's head-carrying tensors.
+
+        A suffix may be a *per-head template* such as ``k_layernorm.norms.{i}.weight`` (one module
+        per head, as StableLM's qk_layernorm): its tensors are stacked in head order into one
+        ``[n * d]`` tensor for merging, and ``head`` is the index parsed from ``name``.
+        """
         for suffix in self.tensors:
-            if name.endswith("." + suffix):
-                module = name[: -len(suffix) - 1]
-                if re.search(rf"(?:^|\.){self.pattern}$", module):
-                    return module, suffix
+            if "{i}" in suffix:
+                tail = re.escape(suffix).replace(re.escape("{i}"), r"(\d+)")
+                m = re.search(rf"^(.*)\.{tail}$", name)
+                module, head = (m.group(1), int(m.group(2))) if m else (None, None)
+            elif name.endswith("." + suffix):
+                module, head = name[: -len(suffix) - 1], None
+            else:
+                continue
+            if module is not None and re.search(rf"(?:^|\.){self.pattern}$", module):
+                return module, suffix, head
         return None
 
 

@@ -4,9 +4,7 @@ with stock transformers and no custom code. Each entry is data; see ``base.py`` 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
-from ..errors import CheckpointError
 from .base import Architecture, AttentionModule, Packing, heads, standard_dims
 
 # q/k/v/o projections as separate Linear layers, heads stacked on the output rows; o_proj's
@@ -52,16 +50,6 @@ def _llama_like(
     )
 
 
-def _no_per_head_qk_norm(cfg: Mapping[str, Any]) -> None:
-    # StableLM's qk_layernorm keeps one LayerNorm module per head (k_layernorm.norms.{i}); the
-    # converter does not yet rewrite per-head module lists.
-    if cfg.get("qk_layernorm"):
-        raise CheckpointError(
-            "StableLM checkpoints with qk_layernorm=true (per-head K norms) are not supported yet; "
-            "convert a checkpoint without qk_layernorm"
-        )
-
-
 NATIVE: tuple[Architecture, ...] = (
     _llama_like("Llama", ("llama",)),
     _llama_like("Mistral", ("mistral",)),
@@ -86,7 +74,17 @@ NATIVE: tuple[Architecture, ...] = (
     ),
     _llama_like("Phi", ("phi",), out_proj="dense", head_dim_key=None, notes="partial rotary is unaffected"),
     _llama_like(
-        "StableLM", ("stablelm",), head_dim_key=None, extra_checks=(_no_per_head_qk_norm,)
+        "StableLM",
+        ("stablelm",),
+        head_dim_key=None,
+        # qk_layernorm keeps one LayerNorm module per head: one [d] tensor per K/V head.
+        extra={
+            "q_layernorm.norms.{i}.weight": heads("q"),
+            "k_layernorm.norms.{i}.weight": heads("k"),
+            "q_layernorm.norms.{i}.bias": heads("q"),
+            "k_layernorm.norms.{i}.bias": heads("k"),
+        },
+        notes="qk_layernorm's per-head K norms are merged like the heads",
     ),
     _llama_like("Starcoder2", ("starcoder2",), head_dim_key=None),
     Architecture(
