@@ -1,0 +1,245 @@
+"""``gqa-eval``: what a converted model saves (KV cache, decode time, memory) and what it costs (perplexity)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import ConfigError, OutputExistsError
+from ..outputs import check_output_dir
+from ._common import console, main_for, make_app, run_command, setup_logging
+
+app = make_app(
+    "Measure a model, and optionally its original side by side: KV-cache bytes (computed from the config "
+    "and checked against the cache generation allocates), greedy decode speed and time to first token, "
+    "peak memory of generation, and perplexity on a dataset with strided windows."
+)
+
+DType = Enum("DType", {n: n for n in ("auto", "float32", "bfloat16", "float16")}, type=str)  # type: ignore[misc]
+SampleBy = Enum("SampleBy", {n: n for n in ("document", "paragraph", "line")}, type=str)  # type: ignore[misc]
+
+_MODELS = "Models"
+_DATA = "Data (perplexity; the same options as uptraining)"
+_PPL = "Perplexity"
+_SPEED = "KV cache and decode speed"
+_RUN = "Device"
+_OUT = "Output"
+
+
+def _int_list(value: str, option: str) -> list[int]:
+    """'128,512' -> [128, 512], with a one-line error naming the option."""
+    try:
+        items = [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated integers like 128,512; got {value!r}") from None
+    if not items:
+        raise ConfigError(f"{option} needs at least one integer; got {value!r}")
+    return items
+
+
+@app.command()
+def evaluate(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Model to measure: a checkpoint folder or a Hub id. Checkpoints whose config.json has an "
+            "auto_map load with their own modelling code (trust_remote_code).",
+            show_default=False,
+        ),
+    ],
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="The original model, measured with the same settings and shown side by side.",
+            rich_help_panel=_MODELS,
+        ),
+    ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Text for perplexity: a Hub dataset id, or local text/JSON lines/Parquet/CSV files, folders or globs "
+            "(repeat for several). Leave out to skip perplexity.",
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
+    data_name: Annotated[
+        str | None, typer.Option(help="Hub dataset configuration name.", rich_help_panel=_DATA)
+    ] = None,
+    split: Annotated[
+        str,
+        typer.Option(help="Dataset split (Hub datasets; local files are one split).", rich_help_panel=_DATA),
+    ] = "train",
+    text_column: Annotated[
+        str, typer.Option(help="Column that holds the text.", rich_help_panel=_DATA)
+    ] = "text",
+    streaming: Annotated[
+        bool, typer.Option(help="Stream the dataset instead of downloading it whole.", rich_help_panel=_DATA)
+    ] = False,
+    sample_by: Annotated[
+        SampleBy,
+        typer.Option(
+            help="Plain-text files: one document per file, per blank-line paragraph, or per line.",
+            rich_help_panel=_DATA,
+        ),
+    ] = "document",  # type: ignore[assignment]
+    max_documents: Annotated[
+        int | None, typer.Option(help="Read at most this many documents.", rich_help_panel=_DATA)
+    ] = None,
+    held_out: Annotated[
+        bool,
+        typer.Option(
+            help="Measure on the documents uptraining holds out of the data (same --eval-fraction/--eval-documents/"
+            "--eval-split and --seed as the uptraining recipe), not on all of it.",
+            rich_help_panel=_DATA,
+        ),
+    ] = False,
+    eval_split: Annotated[
+        str | None, typer.Option(help="With --held-out: a named held-out split.", rich_help_panel=_DATA)
+    ] = None,
+    eval_fraction: Annotated[
+        float, typer.Option(help="With --held-out: fraction of documents held out.", rich_help_panel=_DATA)
+    ] = 0.05,
+    eval_documents: Annotated[
+        int | None,
+        typer.Option(
+            help="With --held-out: number of documents held out (instead of a fraction).",
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the held-out split and of the random prompts.", rich_help_panel=_DATA)
+    ] = 0,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(help="Tokenizer to use when the checkpoint ships none.", rich_help_panel=_DATA),
+    ] = None,
+    max_eval_tokens: Annotated[
+        int | None, typer.Option(help="Measure perplexity on at most this many tokens.", rich_help_panel=_PPL)
+    ] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            help="Perplexity window in tokens [default: the model's maximum, at most 1024].",
+            rich_help_panel=_PPL,
+        ),
+    ] = None,
+    stride: Annotated[
+        int | None,
+        typer.Option(help="Tokens between window starts [default: half the window].", rich_help_panel=_PPL),
+    ] = None,
+    ppl_batch_size: Annotated[
+        int, typer.Option(help="Perplexity windows per forward pass.", rich_help_panel=_PPL)
+    ] = 1,
+    context: Annotated[
+        str,
+        typer.Option(
+            help="Context lengths, comma-separated, for KV-cache sizes and decode speed.",
+            rich_help_panel=_SPEED,
+        ),
+    ] = "128,512",
+    batch_size: Annotated[
+        str, typer.Option(help="Batch sizes, comma-separated.", rich_help_panel=_SPEED)
+    ] = "1",
+    new_tokens: Annotated[
+        int, typer.Option(help="Tokens generated (greedy) per timed run.", rich_help_panel=_SPEED)
+    ] = 32,
+    warmup: Annotated[
+        int, typer.Option(help="Untimed runs before timing, per setting.", rich_help_panel=_SPEED)
+    ] = 1,
+    repeats: Annotated[
+        int, typer.Option(help="Timed runs per setting; the median is reported.", rich_help_panel=_SPEED)
+    ] = 3,
+    skip_speed: Annotated[bool, typer.Option(help="Do not time generation.", rich_help_panel=_SPEED)] = False,
+    device: Annotated[
+        str, typer.Option(help="auto (GPU if there is one), cpu, cuda or cuda:N.", rich_help_panel=_RUN)
+    ] = "auto",
+    dtype: Annotated[
+        DType,
+        typer.Option(
+            help="Weights and activations: auto is float32 on CPU, the checkpoint's dtype on a GPU.",
+            rich_help_panel=_RUN,
+        ),
+    ] = "auto",  # type: ignore[assignment]
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write all measurements to this JSON file.", rich_help_panel=_OUT),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write PNG charts (perplexity vs KV cache, tokens/s vs context) into this folder.",
+            rich_help_panel=_OUT,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing --json file or --plot folder.", rich_help_panel=_OUT)
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging.", rich_help_panel=_OUT)
+    ] = False,
+) -> None:
+    """Measure MODEL (and --baseline): KV cache, decode speed, peak memory, perplexity."""
+    setup_logging(verbose)
+
+    def body() -> None:
+        from ..data import DataConfig
+        from ..evaluation import EvalOptions
+        from ..evaluation import evaluate as run_evaluation
+        from ..evaluation.report import report_table, write_json, write_plots
+
+        # Refuse to clobber outputs before spending minutes measuring.
+        if json_path is not None:
+            if json_path.is_dir():
+                raise OutputExistsError(f"--json {json_path} is a folder; give a file path")
+            if json_path.exists() and not overwrite:
+                raise OutputExistsError(f"--json {json_path} exists; choose another path or pass --overwrite")
+        if plot is not None:
+            check_output_dir(plot, overwrite)
+
+        opts = EvalOptions(
+            contexts=_int_list(context, "--context"),
+            batch_sizes=_int_list(batch_size, "--batch-size"),
+            new_tokens=new_tokens,
+            warmup=warmup,
+            repeats=repeats,
+            max_length=max_length,
+            stride=stride,
+            ppl_batch_size=ppl_batch_size,
+            max_eval_tokens=max_eval_tokens,
+            held_out=held_out,
+            device=device,
+            dtype=DType(dtype).value,
+            skip_speed=skip_speed,
+            seed=seed,
+        )
+        data_cfg = None
+        if data:
+            data_cfg = DataConfig(
+                source=data if len(data) > 1 else data[0],
+                name=data_name,
+                split=split,
+                text_column=text_column,
+                streaming=streaming,
+                eval_split=eval_split,
+                eval_fraction=eval_fraction,
+                eval_documents=eval_documents,
+                max_documents=max_documents,
+                sample_by=SampleBy(sample_by).value,
+                seed=seed,
+            )
+        report = run_evaluation(model, baseline=baseline, data=data_cfg, options=opts, tokenizer=tokenizer)
+        console.print(report_table(report))
+        if json_path is not None:
+            write_json(report, json_path)
+            console.print(f"wrote {json_path}")
+        if plot is not None:
+            for p in write_plots(report, plot, overwrite=overwrite):
+                console.print(f"wrote {p}")
+
+    run_command(body)
+
+
+main = main_for(app)
