@@ -7,13 +7,17 @@ with :func:`update_card` and leave the others alone.
 
 from __future__ import annotations
 
+import copy
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .checkpoint import looks_like_repo_id
+from .errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from .conversion import ConversionResult
@@ -98,9 +102,32 @@ def update_card(
     ``datasets`` and ``tags`` are added to the front matter's lists; ``metadata`` keys are set
     (e.g. ``eval_results``-derived ``model-index``). Returns the saved card.
     """
+    new = apply_card_update(load_card(folder), section, markdown, datasets=datasets, tags=tags, metadata=metadata)
+    new.save(Path(folder) / "README.md")
+    return new
+
+
+def load_card(folder: str | Path) -> ModelCard:
+    """``folder/README.md`` parsed, or the blank huggingface_hub template when there is none."""
     path = Path(folder) / "README.md"
-    card = ModelCard(path.read_text(encoding="utf-8")) if path.exists() else ModelCard.from_template(ModelCardData())
-    data = card.data
+    return ModelCard(path.read_text(encoding="utf-8")) if path.exists() else ModelCard.from_template(ModelCardData())
+
+
+def apply_card_update(
+    card: ModelCard,
+    section: str,
+    markdown: str,
+    *,
+    datasets: list[str] | None = None,
+    tags: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> ModelCard:
+    """A copy of ``card`` with section ``section`` added or replaced and the metadata merged.
+
+    What :func:`update_card` saves, without touching any file (dry runs, and callers that apply
+    several sections before writing once).
+    """
+    data = copy.deepcopy(card.data)
     for key, values in (("datasets", datasets), ("tags", tags)):
         if values:
             current = list(getattr(data, key, None) or [])
@@ -113,9 +140,7 @@ def update_card(
         text = _SECTION.sub(lambda m: block if m.group("name") == section else m.group(0), text)
     else:
         text = text.rstrip() + "\n\n" + block
-    new = ModelCard(f"---\n{data.to_yaml()}\n---\n{text.lstrip()}")
-    new.save(path)
-    return new
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{text.lstrip()}")
 
 
 def write_conversion_card(folder: str | Path, r: ConversionResult, config: dict[str, Any] | None = None) -> ModelCard:
@@ -135,3 +160,232 @@ def write_conversion_card(folder: str | Path, r: ConversionResult, config: dict[
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     card.save(Path(folder) / "README.md")
     return card
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation results (``gqa-eval --json``) → ``model-index``; usage section; validation.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalEntry:
+    """One model's perplexity, as read from ``gqa-eval`` JSON."""
+
+    model: str
+    perplexity: float
+    dataset: str
+    split: str | None = None
+    tokens_scored: int | None = None
+
+
+def _number(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _dataset_name(*candidates: Any) -> tuple[str | None, str | None]:
+    """(dataset, split) from the first candidate that names one: a string or a dict."""
+    for c in candidates:
+        if isinstance(c, str) and c:
+            return c, None
+        if isinstance(c, dict):
+            for key in ("id", "name", "source", "path"):
+                v = c.get(key)
+                if isinstance(v, list) and v:
+                    v = ", ".join(str(x) for x in v)
+                if isinstance(v, str) and v:
+                    split = c.get("split")
+                    return v, split if isinstance(split, str) else None
+    return None, None
+
+
+def parse_eval_json(data: Any, source: str = "eval JSON") -> list[EvalEntry]:
+    """The perplexity results in ``gqa-eval --json`` output, one per model.
+
+    Accepted shapes (the documented minimal schema and what ``gqa-eval`` writes around it):
+
+    - one model: ``{"model": NAME, "perplexity": P, "dataset": D}``;
+    - ``perplexity`` may be a number or an object holding ``"perplexity"`` (and optionally
+      ``"tokens_scored"``, ``"dataset"``, ``"split"``);
+    - ``dataset`` may be a string or an object with ``id``/``name``/``source``/``path`` and ``split``;
+    - several models: a list of such objects, or an object with a ``"models"`` or ``"results"`` list.
+
+    Entries without a perplexity (speed-only runs) are skipped. Raises :class:`ConfigError` when
+    nothing usable is found.
+    """
+    if isinstance(data, dict):
+        entries = next((data[k] for k in ("models", "results") if isinstance(data.get(k), list)), [data])
+        shared_dataset = data.get("dataset")
+    elif isinstance(data, list):
+        entries, shared_dataset = data, None
+    else:
+        raise ConfigError(f"{source} is not a gqa-eval JSON object or list; pass the file `gqa-eval --json` wrote")
+    out = []
+    for e in entries:
+        if not isinstance(e, dict):
+            continue
+        ppl_field = e.get("perplexity")
+        ppl_obj = ppl_field if isinstance(ppl_field, dict) else {}
+        ppl = _number(ppl_obj.get("perplexity") if ppl_obj else ppl_field)
+        if ppl is None:
+            continue
+        model = e.get("model") or e.get("name")
+        if isinstance(model, dict):
+            model = model.get("name") or model.get("path")
+        dataset, split = _dataset_name(e.get("dataset"), ppl_obj.get("dataset"), shared_dataset)
+        split = split or (e.get("split") if isinstance(e.get("split"), str) else None) or ppl_obj.get("split")
+        tokens = ppl_obj.get("tokens_scored", e.get("tokens_scored"))
+        out.append(
+            EvalEntry(
+                model=str(model or "model"),
+                perplexity=ppl,
+                dataset=dataset or "held-out text",
+                split=split if isinstance(split, str) else None,
+                tokens_scored=tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
+            )
+        )
+    if not out:
+        raise ConfigError(
+            f"{source} holds no perplexity result (expected e.g. "
+            '{"model": ..., "perplexity": ..., "dataset": ...}); run gqa-eval with perplexity and --json'
+        )
+    return out
+
+
+def pick_eval_entry(entries: list[EvalEntry], folder: str | Path, repo_id: str | None = None) -> EvalEntry:
+    """The entry that measured ``folder`` (or ``repo_id``); the only entry when there is one.
+
+    Raises :class:`ConfigError` when several models were measured and none is this one, rather
+    than publish another model's numbers as this model's.
+    """
+    target = Path(folder).resolve()
+
+    def same(name: str) -> bool:
+        if repo_id and name == repo_id:
+            return True
+        try:
+            return Path(name).expanduser().resolve() == target
+        except (OSError, RuntimeError):
+            return False
+
+    matches = [e for e in entries if same(e.model)]
+    if matches:
+        return matches[0]
+    if len({e.model for e in entries}) == 1:
+        return entries[0]
+    names = ", ".join(sorted({e.model for e in entries}))
+    raise ConfigError(f"the eval JSON measures {names} but not {folder}; run gqa-eval on {folder} and pass that JSON")
+
+
+def eval_results(entry: EvalEntry) -> list[EvalResult]:
+    """``model-index`` results for one model: its perplexity on its dataset."""
+    hub_id = looks_like_repo_id(entry.dataset) and not Path(entry.dataset).exists()
+    return [
+        EvalResult(
+            task_type="text-generation",
+            task_name="Language modelling",
+            # model-index wants a Hub dataset id as the type; local files are read with the
+            # `datasets` "text" builder, which is the honest type for them.
+            dataset_type=entry.dataset if hub_id else "text",
+            dataset_name=entry.dataset if hub_id else Path(entry.dataset.rstrip("/")).name or entry.dataset,
+            dataset_split=entry.split,
+            metric_type="perplexity",
+            metric_name="Perplexity",
+            metric_value=round(entry.perplexity, 4),
+        )
+    ]
+
+
+def evaluation_section(entries: list[EvalEntry], this: EvalEntry) -> str:
+    """Markdown table of the perplexities in the eval JSON, this model's row marked."""
+    lines = [
+        "## Evaluation",
+        "",
+        "Perplexity measured with `gqa-eval` (lower is better):",
+        "",
+        "| model | dataset | perplexity | tokens scored |",
+        "|---|---|---|---|",
+    ]
+    for e in entries:
+        name = f"**{e.model}** (this model)" if e is this else e.model
+        dataset = f"{e.dataset} ({e.split})" if e.split else e.dataset
+        tokens = f"{e.tokens_scored:,}" if e.tokens_scored is not None else "n/a"
+        lines.append(f"| {name} | {dataset} | {e.perplexity:.3f} | {tokens} |")
+    return "\n".join(lines) + "\n"
+
+
+def _auto_class(config: dict[str, Any]) -> str:
+    arch = " ".join(config.get("architectures") or [])
+    if "ForCausalLM" in arch or "LMHeadModel" in arch:
+        return "AutoModelForCausalLM"
+    if "ForConditionalGeneration" in arch and config.get("is_encoder_decoder"):
+        return "AutoModelForSeq2SeqLM"
+    if "ForMaskedLM" in arch:
+        return "AutoModelForMaskedLM"
+    return "AutoModel"
+
+
+def usage_section(repo_id: str, config: dict[str, Any], command: str | None = None) -> str:
+    """How to load the published model (with ``trust_remote_code`` when it ships its code)."""
+    auto = _auto_class(config)
+    remote = bool(config.get("auto_map"))
+    kw = ", trust_remote_code=True" if remote else ""
+    lines = [
+        "## Usage",
+        "",
+        "```python",
+        f"from transformers import {auto}, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{kw})',
+        f'model = {auto}.from_pretrained("{repo_id}"{kw})',
+        "```",
+    ]
+    if remote:
+        lines += [
+            "",
+            "This checkpoint ships its own modelling code (transformers has no grouped-query attention "
+            "for this family), hence `trust_remote_code=True`; read the `.py` files in the repository "
+            "before running them. With `gqa-uptrain` installed, `import gqa_uptrain` registers the same "
+            "classes and no remote code is needed.",
+        ]
+    if command:
+        lines += ["", "Published with:", "", "```bash", command, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def validate_card(card: ModelCard | str) -> list[str]:
+    """Check a card the way the Hub will read it; return warnings, raise on errors.
+
+    Errors (:class:`CheckpointError`): front matter that ``ModelCard`` cannot parse, a
+    ``library_name`` other than ``transformers``, no ``gqa`` tag, a ``base_model`` or dataset that
+    is not a string, a ``model-index`` without a name or with a non-numeric value. Warnings: no
+    ``base_model`` (the Hub cannot link the original), no record of the conversion in the body.
+    """
+    try:
+        parsed = ModelCard(str(card))
+    except ValueError as e:  # ModelCard raises ValueError for bad YAML and bad model-index
+        raise CheckpointError(f"the model card's front matter is invalid: {str(e).splitlines()[0]}") from None
+    data = parsed.data
+    if data.library_name != "transformers":
+        raise CheckpointError(f"the model card's library_name is {data.library_name!r}, not 'transformers'")
+    if "gqa" not in (data.tags or []):
+        raise CheckpointError("the model card has no 'gqa' tag")
+    for key in ("base_model", "datasets"):
+        value = getattr(data, key, None)
+        items = value if isinstance(value, list) else [] if value is None else [value]
+        if not all(isinstance(v, str) and v for v in items):
+            raise CheckpointError(f"the model card's {key} must be a string or a list of strings, got {value!r}")
+    for r in data.eval_results or []:
+        if _number(r.metric_value) is None:
+            raise CheckpointError(f"the model card's model-index has a non-numeric {r.metric_type}: {r.metric_value!r}")
+    warnings = []
+    bases = [data.base_model] if isinstance(data.base_model, str) else list(data.base_model or [])
+    if not bases:
+        warnings.append("the card names no base_model; pass --base-model OWNER/NAME to link the original")
+    for b in bases:
+        if not looks_like_repo_id(b):
+            raise CheckpointError(f"the model card's base_model {b!r} is not a Hub repo id (owner/name)")
+    if not any(m.group("name") == "conversion" for m in _SECTION.finditer(parsed.text)):
+        warnings.append("the card does not record the conversion (no gqa-uptrain conversion section)")
+    return warnings
