@@ -99,6 +99,17 @@ def convert(
         str | None,
         typer.Option(help="Hub branch, tag or commit of SOURCE. The token comes from HF_TOKEN or `hf auth login`.", rich_help_panel=HUB),
     ] = None,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(
+            metavar="REPO_ID",
+            help="After converting, check OUTPUT and upload it to this Hub model repo (OWNER/NAME), created "
+            "if needed; checked before converting. For --private, --revision, --create-pr or eval results "
+            "use gqa-export.",
+            rich_help_panel=HUB,
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
@@ -107,6 +118,10 @@ def convert(
     from ..conversion import convert as run
 
     command = "gqa-convert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if push_to_hub:  # no token or a bad repo id: fail before the conversion, not after it
+        from ..hub import check_push_target, push_folder
+
+        run_command(lambda: check_push_target(push_to_hub))
     result = run_command(
         lambda: run(
             source,
@@ -124,6 +139,9 @@ def convert(
             progress=not quiet,
         )
     )
+    if push_to_hub:
+        pushed = run_command(lambda: push_folder(result.output, push_to_hub, command=command))
+        console.print(f"uploaded to [bold]{pushed.url}[/]", highlight=False)
     if quiet:
         return
     table = Table(title=f"{result.architecture}: {result.num_kv_heads_before} → {result.num_kv_heads_after} K/V heads ({result.method})")
