@@ -176,12 +176,19 @@ class EvalEntry:
     dataset: str
     split: str | None = None
     tokens_scored: int | None = None
+    role: str | None = None  # gqa-eval: "model" (the one evaluated) or "baseline"
+    num_kv_heads: int | None = None
+    kv_bytes_per_token: int | None = None
 
 
 def _number(x: Any) -> float | None:
     if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
         return None
     return float(x)
+
+
+def _int(x: Any) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
 
 
 def _dataset_name(*candidates: Any) -> tuple[str | None, str | None]:
@@ -195,28 +202,28 @@ def _dataset_name(*candidates: Any) -> tuple[str | None, str | None]:
                 if isinstance(v, list) and v:
                     v = ", ".join(str(x) for x in v)
                 if isinstance(v, str) and v:
-                    split = c.get("split")
-                    return v, split if isinstance(split, str) else None
+                    split = c.get("split") if isinstance(c.get("split"), str) else None
+                    if split and c.get("held_out"):
+                        split += " (held-out part)"  # gqa-eval --held-out: uptraining's held-out documents
+                    return v, split
     return None, None
 
 
 def parse_eval_json(data: Any, source: str = "eval JSON") -> list[EvalEntry]:
     """The perplexity results in ``gqa-eval --json`` output, one per model.
 
-    Accepted shapes (the documented minimal schema and what ``gqa-eval`` writes around it):
-
-    - one model: ``{"model": NAME, "perplexity": P, "dataset": D}``;
-    - ``perplexity`` may be a number or an object holding ``"perplexity"`` (and optionally
-      ``"tokens_scored"``, ``"dataset"``, ``"split"``);
-    - ``dataset`` may be a string or an object with ``id``/``name``/``source``/``path`` and ``split``;
-    - several models: a list of such objects, or an object with a ``"models"`` or ``"results"`` list.
+    What ``gqa-eval --json`` writes: ``{"models": [{"name", "role", "kv_cache": {...},
+    "perplexity": {"perplexity", "tokens_scored", ...} or null, ...}], "data": {"source", "split",
+    "held_out", ...}, ...}``. Also accepted, the documented minimal schema
+    ``{"model": NAME, "perplexity": P, "dataset": D}`` and lists of such objects; ``dataset`` may be
+    a string or an object with ``id``/``name``/``source``/``path`` and ``split``.
 
     Entries without a perplexity (speed-only runs) are skipped. Raises :class:`ConfigError` when
     nothing usable is found.
     """
     if isinstance(data, dict):
         entries = next((data[k] for k in ("models", "results") if isinstance(data.get(k), list)), [data])
-        shared_dataset = data.get("dataset")
+        shared_dataset = data.get("dataset") or data.get("data")
     elif isinstance(data, list):
         entries, shared_dataset = data, None
     else:
@@ -231,33 +238,35 @@ def parse_eval_json(data: Any, source: str = "eval JSON") -> list[EvalEntry]:
         if ppl is None:
             continue
         model = e.get("model") or e.get("name")
-        if isinstance(model, dict):
-            model = model.get("name") or model.get("path")
         dataset, split = _dataset_name(e.get("dataset"), ppl_obj.get("dataset"), shared_dataset)
-        split = split or (e.get("split") if isinstance(e.get("split"), str) else None) or ppl_obj.get("split")
-        tokens = ppl_obj.get("tokens_scored", e.get("tokens_scored"))
+        split = split or next((x for x in (e.get("split"), ppl_obj.get("split")) if isinstance(x, str)), None)
+        kv = e.get("kv_cache") if isinstance(e.get("kv_cache"), dict) else {}
         out.append(
             EvalEntry(
                 model=str(model or "model"),
                 perplexity=ppl,
                 dataset=dataset or "held-out text",
-                split=split if isinstance(split, str) else None,
-                tokens_scored=tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
+                split=split,
+                tokens_scored=_int(ppl_obj.get("tokens_scored", e.get("tokens_scored"))),
+                role=e.get("role") if isinstance(e.get("role"), str) else None,
+                num_kv_heads=_int(kv.get("num_kv_heads")),
+                kv_bytes_per_token=_int(kv.get("bytes_per_token")),
             )
         )
     if not out:
         raise ConfigError(
             f"{source} holds no perplexity result (expected e.g. "
-            '{"model": ..., "perplexity": ..., "dataset": ...}); run gqa-eval with perplexity and --json'
+            '{"model": ..., "perplexity": ..., "dataset": ...}); run gqa-eval with --data and --json'
         )
     return out
 
 
 def pick_eval_entry(entries: list[EvalEntry], folder: str | Path, repo_id: str | None = None) -> EvalEntry:
-    """The entry that measured ``folder`` (or ``repo_id``); the only entry when there is one.
+    """The entry that measured ``folder``: its name (what gqa-eval was given) is this folder's path
+    (relative paths resolved from the current folder) or ``repo_id``.
 
-    Raises :class:`ConfigError` when several models were measured and none is this one, rather
-    than publish another model's numbers as this model's.
+    Raises :class:`ConfigError` when no entry is this model, rather than publish another model's
+    numbers as this model's.
     """
     target = Path(folder).resolve()
 
@@ -272,10 +281,11 @@ def pick_eval_entry(entries: list[EvalEntry], folder: str | Path, repo_id: str |
     matches = [e for e in entries if same(e.model)]
     if matches:
         return matches[0]
-    if len({e.model for e in entries}) == 1:
-        return entries[0]
     names = ", ".join(sorted({e.model for e in entries}))
-    raise ConfigError(f"the eval JSON measures {names} but not {folder}; run gqa-eval on {folder} and pass that JSON")
+    raise ConfigError(
+        f"the eval JSON measures {names}, not {folder}; run gqa-eval on {folder} (or {repo_id or 'its Hub id'}) "
+        "and pass that JSON"
+    )
 
 
 def eval_results(entry: EvalEntry) -> list[EvalResult]:
@@ -288,7 +298,7 @@ def eval_results(entry: EvalEntry) -> list[EvalResult]:
             # model-index wants a Hub dataset id as the type; local files are read with the
             # `datasets` "text" builder, which is the honest type for them.
             dataset_type=entry.dataset if hub_id else "text",
-            dataset_name=entry.dataset if hub_id else Path(entry.dataset.rstrip("/")).name or entry.dataset,
+            dataset_name=entry.dataset,
             dataset_split=entry.split,
             metric_type="perplexity",
             metric_name="Perplexity",
@@ -302,16 +312,18 @@ def evaluation_section(entries: list[EvalEntry], this: EvalEntry) -> str:
     lines = [
         "## Evaluation",
         "",
-        "Perplexity measured with `gqa-eval` (lower is better):",
+        "Measured with `gqa-eval` (perplexity: lower is better):",
         "",
-        "| model | dataset | perplexity | tokens scored |",
-        "|---|---|---|---|",
+        "| model | K/V heads | KV cache / token | dataset | perplexity | tokens scored |",
+        "|---|---|---|---|---|---|",
     ]
     for e in entries:
         name = f"**{e.model}** (this model)" if e is this else e.model
         dataset = f"{e.dataset} ({e.split})" if e.split else e.dataset
+        heads = str(e.num_kv_heads) if e.num_kv_heads is not None else "n/a"
+        kv = _fmt_bytes(e.kv_bytes_per_token) if e.kv_bytes_per_token is not None else "n/a"
         tokens = f"{e.tokens_scored:,}" if e.tokens_scored is not None else "n/a"
-        lines.append(f"| {name} | {dataset} | {e.perplexity:.3f} | {tokens} |")
+        lines.append(f"| {name} | {heads} | {kv} | {dataset} | {e.perplexity:.3f} | {tokens} |")
     return "\n".join(lines) + "\n"
 
 

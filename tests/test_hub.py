@@ -19,7 +19,7 @@ from huggingface_hub.hf_api import CommitInfo, RepoUrl
 from typer.testing import CliRunner
 
 from gqa_uptrain import CheckpointError, ConfigError, convert
-from gqa_uptrain.card import parse_eval_json, pick_eval_entry, usage_section, validate_card
+from gqa_uptrain.card import parse_eval_json, pick_eval_entry, validate_card
 from gqa_uptrain.cli.convert import app as convert_app
 from gqa_uptrain.cli.export import app as export_app
 from gqa_uptrain.hub import HubError, push_folder
@@ -193,7 +193,9 @@ def test_card_complete_and_valid_on_converted_model(folder, tmp_path):
     body = card.text
     assert "| key/value heads | 4 | 2 |" in body and "**mean** method" in body and "50.0% smaller" in body
     assert "gqa-convert src llama-gqa2 -g 2" in body  # the exact conversion command
-    assert "| someone/tiny-llama | python-docs | 31.500 |" in body  # the original, for comparison
+    assert (
+        "| someone/tiny-llama | n/a | n/a | python-docs | 31.500 | 4,096 |" in body
+    )  # the original, for comparison
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}")' in body and "trust_remote_code" not in body
     assert validate_card(card) == []
 
@@ -204,6 +206,30 @@ def test_card_complete_and_valid_on_converted_model(folder, tmp_path):
     sizes = {f.path: f.size for f in result.plan.files}
     assert sizes["config.json"] == (folder / "config.json").stat().st_size
     assert sizes["README.md"] == len(str(result.plan.card).encode())
+
+
+@pytest.mark.slow
+def test_card_from_real_gqa_eval_json(folder, converted_once, tmp_path, monkeypatch):
+    """gqa-eval's own JSON (model + baseline, perplexity on a local text file) becomes model-index."""
+    from gqa_uptrain.data import DataConfig
+    from gqa_uptrain.evaluation.report import write_json
+    from gqa_uptrain.evaluation.run import EvalOptions, evaluate
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    text = tmp_path / "text.txt"
+    text.write_text("the a of to gqa the a of\nto the a gqa\n" * 40)
+    opts = EvalOptions(contexts=(8,), skip_speed=True, max_length=16, device="cpu", progress=False)
+    report = evaluate(
+        folder, baseline=converted_once.parent / "src", data=DataConfig(source=str(text)), options=opts
+    )
+    eval_json = write_json(report, tmp_path / "eval.json")
+
+    card = ModelCard(str(push_folder(folder, REPO, dry_run=True, eval_json=eval_json).plan.card))
+    (r,) = card.data.eval_results
+    assert r.metric_type == "perplexity" and r.metric_value == round(report.model.perplexity.perplexity, 4)
+    assert (r.dataset_type, r.dataset_name, r.dataset_split) == ("text", str(text), "train")
+    assert f"**{folder}** (this model) | 2 | 256 B |" in card.text  # GQA-2: half the original's KV cache
+    assert "| 4 | 512 B |" in card.text  # the baseline's row
 
 
 def test_validate_card_errors_and_warnings():
@@ -233,21 +259,42 @@ def test_eval_json_shapes_and_model_choice(tmp_path):
     assert len(entries) == 1
     assert pick_eval_entry(entries, tmp_path / "a").perplexity == 9.0
     two = parse_eval_json([{"model": "x", "perplexity": 1.0}, {"model": "y", "perplexity": 2.0}])
-    with pytest.raises(ConfigError, match="measures x, y but not"):
+    assert (
+        pick_eval_entry(parse_eval_json({"model": REPO, "perplexity": 4.0}), tmp_path / "a", REPO).perplexity
+        == 4.0
+    )
+    # Another model's numbers are never published as this one's.
+    with pytest.raises(ConfigError, match="measures x, y, not"):
         pick_eval_entry(two, tmp_path / "a")
+    with pytest.raises(ConfigError, match="measures m, not"):
+        pick_eval_entry(parse_eval_json({"model": "m", "perplexity": 1.0}), tmp_path / "a")
     with pytest.raises(ConfigError, match="no perplexity"):
         parse_eval_json({"model": "m", "perplexity": float("nan")})
 
 
-def test_remote_code_family_card_and_missing_code(folder):
-    """Families shipping code through auto_map: the card says trust_remote_code; the code must be there."""
-    cfg = {"architectures": ["GPT2GQALMHeadModel"], "auto_map": {"AutoConfig": "configuration_x.XConfig"}}
-    usage = usage_section(REPO, cfg)
-    assert f'AutoModelForCausalLM.from_pretrained("{REPO}", trust_remote_code=True)' in usage
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "auto_map": cfg["auto_map"]}))
-    with pytest.raises(CheckpointError, match=r"auto_map needs configuration_x\.py"):
-        push_folder(folder, REPO, dry_run=True)
+def test_remote_code_family(converted_once, tmp_path):
+    """GPT-2 has no GQA in transformers: the checkpoint ships code through auto_map, the folder check
+    loads its config with trust_remote_code, the card says how to load it, and the code must be uploaded."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=1, eos_token_id=2
+    )
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(cfg).save_pretrained(src)
+    save_tokenizer(src)
+    out = tmp_path / "gpt2-gqa2"
+    convert(src, out, 2, progress=False)
+    assert json.loads((out / "config.json").read_text())["auto_map"]
+
+    result = push_folder(out, "someone/gpt2-gqa2", dry_run=True, base_model="openai-community/gpt2")
+    card = ModelCard(str(result.plan.card))
+    assert 'AutoModelForCausalLM.from_pretrained("someone/gpt2-gqa2", trust_remote_code=True)' in card.text
+    assert {"gqa", "gpt2"} <= set(card.data.tags) and validate_card(card) == []
+    assert "modeling_gpt2_gqa.py" in [f.path for f in result.plan.files]
+    with pytest.raises(CheckpointError, match=r"auto_map needs modeling_gpt2_gqa\.py"):
+        push_folder(out, "someone/gpt2-gqa2", dry_run=True, exclude=["modeling_*.py"])
 
 
 # --------------------------------------------------------------------------------------------
