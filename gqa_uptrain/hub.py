@@ -19,7 +19,8 @@ Why ``upload_folder`` for every size: in huggingface_hub 2.x it *is* the resumab
 folders in several batches, and re-running the same call skips the files already committed and
 deduplicates the chunks already sent. ``upload_large_folder`` is gone from huggingface_hub 2.x
 (and never took ``revision``/``create_pr``/``commit_message``), so there is no separate
-``--large`` path. Without ``hf_xet`` the upload is one commit that a re-run starts over; we warn.
+``--large`` path. Without ``hf_xet`` (or with a huggingface_hub older than the streamed pipeline)
+the upload is one commit that a re-run starts over; we warn, and the error says so.
 
 The token is passed to ``HfApi`` and nowhere else: it is never logged, never written to a file,
 and scrubbed from any error message built from an exception.
@@ -66,6 +67,17 @@ TOKENIZER_CORE = (
     "merges.txt",
 )
 RESUME_HINT = "re-run the same command to resume: files already on the Hub are skipped and uploaded data is deduplicated"
+RETRY_HINT = (
+    "re-run the same command to retry (this installation uploads in one commit, so it starts over: "
+    "install hf_xet and huggingface_hub>=2 for resumable uploads)"
+)
+
+
+def resumable_uploads() -> bool:
+    """Whether ``upload_folder`` here is the streamed pipeline whose re-run resumes (needs ``hf_xet``)."""
+    return all(
+        importlib.util.find_spec(m) is not None for m in ("hf_xet", "huggingface_hub._upload_pipeline")
+    )
 
 
 class HubError(GQAError):
@@ -228,6 +240,9 @@ def check_folder(
             f"{folder}/config.json is not valid JSON ({_first_line(e)}); fix or regenerate it"
         ) from None
 
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder}/config.json is not a JSON object; fix or regenerate it")
+
     pickles = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
     if pickles and not allow_pickle:
         raise CheckpointError(
@@ -237,6 +252,10 @@ def check_folder(
 
     # Code shipped through auto_map must be uploaded with the checkpoint, or it will not load.
     auto_map = config.get("auto_map") or {}
+    if not isinstance(auto_map, dict):
+        raise CheckpointError(
+            f"{folder}/config.json's auto_map is not an object; regenerate it with gqa-convert"
+        )
     remote = bool(auto_map)
     for module in _auto_map_modules(auto_map):
         if f"{module.replace('.', '/')}.py" not in names:
@@ -482,8 +501,8 @@ def _upload(
 ) -> PushResult:
     from . import __version__
 
-    if importlib.util.find_spec("hf_xet") is None:
-        logger.warning("hf_xet is not installed: the upload is one commit and an interrupted one starts over")
+    if not resumable_uploads():
+        logger.warning("uploads are not resumable here: %s", RETRY_HINT)
     api = HfApi(token=token, library_name="gqa-uptrain", library_version=__version__)
     repo_id = plan.repo_id
     try:
@@ -503,12 +522,14 @@ def _upload(
             ignore_patterns=plan.exclude or None,
         )
     except KeyboardInterrupt:
-        logger.warning("upload interrupted; %s", RESUME_HINT)
+        logger.warning("upload interrupted; %s", RESUME_HINT if resumable_uploads() else RETRY_HINT)
         raise
     except (OSError, _HTTP_ERROR) as e:  # HfHubHTTPError, connection and xet errors are OSErrors
         raise _upload_error(e, repo_id, token, create_pr) from None
     url = str(repo_url).rstrip("/")
-    if revision and revision != "main" and not revision.startswith("refs/"):
+    if revision and revision.startswith("refs/pr/"):
+        url += f"/discussions/{revision.removeprefix('refs/pr/')}"
+    elif revision and revision != "main":
         url += f"/tree/{revision}"
     pr_url = getattr(info, "pr_url", None)
     return PushResult(
@@ -533,7 +554,7 @@ def _upload_error(e: BaseException, repo_id: str, token: str, create_pr: bool) -
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     msg = _scrub(_first_line(e), token)
-    resume = RESUME_HINT
+    resume = RESUME_HINT if resumable_uploads() else RETRY_HINT
     if create_pr:
         resume += " (a re-run with --create-pr opens a new pull request: to resume the open one, pass --revision refs/pr/N)"
     if isinstance(e, HfHubHTTPError):

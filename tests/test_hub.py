@@ -345,6 +345,9 @@ def test_create_pr_and_default_branch(folder, monkeypatch):
     assert result.url == result.pr_url == "https://huggingface.co/someone/tiny-llama-gqa2/discussions/1"
     with pytest.raises(ConfigError, match="cannot be combined with --revision"):
         push_folder(folder, REPO, create_pr=True, revision="dev")
+    # Resuming into an open pull request: commit to its ref, no branch created.
+    assert push_folder(folder, REPO, revision="refs/pr/1").url.endswith("/tiny-llama-gqa2/discussions/1")
+    assert hub.names().count("create_branch") == 0
 
 
 def test_network_failure_then_rerun(folder, monkeypatch):
