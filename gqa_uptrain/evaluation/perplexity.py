@@ -5,8 +5,10 @@ EOS after each document) and concatenated into one stream. Windows of ``max_leng
 every ``stride`` tokens; each window scores only the tokens the previous window did not (labels
 -100 on the overlap), so every token after the first is predicted exactly once, with at least
 ``max_length - stride`` tokens of context once the stream is long enough
-(https://huggingface.co/docs/transformers/perplexity). ``stride == max_length`` is plain
-non-overlapping chunking (faster, pessimistic); a smaller stride gives each token more context.
+(https://huggingface.co/docs/transformers/perplexity). ``stride = max_length - 1`` is close to
+plain chunking (fastest, pessimistic); a smaller stride gives each token more context. The stride
+is at most ``max_length - 1``: with non-overlapping windows the first token of every window would
+go unscored.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of a causal LM on the token stream ``ids`` (1-D) with strided windows.
 
-    ``stride`` defaults to ``max_length // 2``. Windows of equal length are batched ``batch_size``
+    ``stride`` defaults to ``max_length // 2`` and must be below ``max_length``. Windows of equal length are batched ``batch_size``
     at a time (they need no padding). Returns the exponent of the mean NLL over the
     ``len(ids) - 1`` predicted tokens.
     """
@@ -113,8 +115,10 @@ def perplexity(
             "evaluate it with --skip-perplexity, or use a decoder-only model"
         )
     stride = stride or max(1, max_length // 2)
-    if not 1 <= stride <= max_length:
-        raise ConfigError(f"--stride must be between 1 and --max-length ({max_length}), got {stride}")
+    # A window's first token has no context inside the window, so windows must overlap by at least
+    # one token, or every window would leave one token unscored (a known flaw of the plain recipe).
+    if not 1 <= stride < max_length:
+        raise ConfigError(f"--stride must be between 1 and --max-length - 1 ({max_length - 1}), got {stride}")
     device = next(model.parameters()).device
     wins = _windows(len(ids), max_length, stride)
     # Group windows of the same length (all but possibly the last) into batches.

@@ -13,11 +13,16 @@ counted; the median over repeats is reported. Generation is forced to produce ex
 
 Peak memory: on a GPU, ``torch.cuda.max_memory_allocated`` during the run minus what was allocated
 before it (weights); on CPU, the peak resident set size sampled by a background thread minus the
-RSS before the run (torch's CPU allocations are invisible to ``tracemalloc``).
+RSS before the run (torch's CPU allocations are invisible to ``tracemalloc``). On glibc the heap's
+free pages are handed back to the OS (``malloc_trim``) before each run: otherwise a run reuses the
+pages an earlier run left resident and its RSS barely moves, and the figure depends on run order.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 import statistics
 import threading
@@ -29,6 +34,25 @@ import psutil
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+def _load_malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None on other C libraries (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_free_memory() -> None:
+    """Return freed heap pages to the OS so the next run's RSS growth is its own."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _sync(device: torch.device) -> None:
@@ -100,6 +124,8 @@ def _one_run(model: Any, kwargs: dict[str, Any], device: torch.device) -> tuple[
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
+    else:
+        _release_free_memory()
     _sync(device)
     with _RSSPeak() as rss:
         start = time.perf_counter()
