@@ -1,8 +1,8 @@
 """Publishing to the Hub: folder checks, the model card, the upload at the network boundary, the token.
 
 Nothing here reaches the network: ``HfApi.create_repo`` / ``create_branch`` / ``upload_folder`` are
-replaced by recorders, and every test runs with a fake token in ``HF_TOKEN`` and an empty
-Hugging Face home, so a real login on the machine can neither be used nor leak.
+replaced by recorders, and every test runs with a fake token in ``HF_TOKEN`` and the login cache
+pointed at an empty folder, so a real login on the machine can neither be used nor leak.
 """
 
 from __future__ import annotations
