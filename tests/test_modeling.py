@@ -592,3 +592,30 @@ def test_saved_models_load_with_remote_code_alone(tmp_path):
         assert info["module"].startswith("transformers_modules"), info
         assert info["kv"] and set(info["kv"]) == {2}
         assert torch.equal(torch.load(job["output"]), expected[job["folder"]])
+
+
+@pytest.mark.parametrize("groups", [4, 2])
+def test_gpt2_upcast_reordered_attention_is_grouped(groups):
+    """GPT-2's float32 reorder_and_upcast_attn eager path (and layer-wise scaling) with grouped heads."""
+    fam = FAMILY_SPECS["gpt2"]
+    extra = dict(
+        attn_implementation="eager", reorder_and_upcast_attn=True, scale_attn_by_inverse_layer_idx=True
+    )
+    torch.manual_seed(0)
+    stock = fam.stock_cls()(fam.stock_config_obj(**extra)).eval()
+    tie_kv_heads(stock, "gpt2", groups)
+    gqa = fam.gqa_cls()(fam.gqa_config(groups, **extra)).eval()
+    gqa.load_state_dict(gqa_state_dict(stock.state_dict(), "gpt2", groups))
+    batch = inputs(fam)
+    torch.testing.assert_close(output(gqa, batch), output(stock, batch), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_eager_returns_attention_probabilities_per_query_head(name):
+    fam = FAMILY_SPECS[name]
+    model = fam.gqa_cls()(fam.gqa_config(2, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        out = model(**inputs(fam), output_attentions=True)
+    probs = out.decoder_attentions if fam.seq2seq else out.attentions
+    assert len(probs) == 2 and probs[0].shape[1] == H
+    torch.testing.assert_close(probs[0].sum(-1), torch.ones(probs[0].shape[:-1]))
