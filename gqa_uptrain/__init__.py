@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from .conversion import ConversionResult, convert
 from .errors import CheckpointError, ConfigError, GQAError, OutputExistsError
+from .modeling import register_auto_classes
+
+register_auto_classes()
 
 __version__ = "0.1.0"
 
