@@ -351,3 +351,48 @@ def test_bad_option_values():
     result = runner.invoke(app, ["whatever", "--context", "12,abc"])
     assert result.exit_code != 0 and "comma-separated integers" in result.output
     assert issubclass(ConfigError, GQAError)
+
+
+# --------------------------------------------------------------------------------------------------
+# Families without num_key_value_heads in transformers (our modelling code, loaded via auto_map)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_converted_gpt2_with_remote_code_has_the_smaller_cache(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gqa_uptrain import convert
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
+    ).save_pretrained(tmp_path / "orig")
+    convert(tmp_path / "orig", tmp_path / "gqa", num_kv_heads=2, progress=False)
+    assert "auto_map" in json.loads((tmp_path / "gqa" / "config.json").read_text())
+    report = evaluate(
+        tmp_path / "gqa",
+        baseline=tmp_path / "orig",
+        options=EvalOptions(contexts=[8], new_tokens=3, warmup=0, repeats=1, device="cpu", progress=False),
+    )
+    model, base = report.models
+    assert (model.layout.num_kv_heads, base.layout.num_kv_heads) == (2, 4)
+    assert all(c.match for c in model.kv_checks + base.kv_checks)
+    assert model.kv_checks[0].allocated_bytes * 2 == base.kv_checks[0].allocated_bytes
+    assert report.to_dict()["relative_to_baseline"]["kv_bytes_per_token"] == 0.5
+
+
+def test_hub_model_that_cannot_be_reached(monkeypatch):
+    from transformers import PretrainedConfig
+
+    def offline(*args, **kwargs):
+        raise OSError(
+            "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them\nmore"
+        )
+
+    monkeypatch.setattr(PretrainedConfig, "get_config_dict", offline)
+    with pytest.raises(CheckpointError) as err:
+        evaluate("some-org/some-model", options=EvalOptions(skip_speed=True))
+    msg = str(err.value)
+    assert "some-org/some-model" in msg and "couldn't connect" in msg and "\n" not in msg
