@@ -1,0 +1,824 @@
+#!/usr/bin/env python
+"""Reproduce the GQA paper's uptraining protocol (Ainslie et al. 2023) at laptop scale.
+
+1. Pretrain a small Llama-architecture MHA model (the "original checkpoint") for N steps on real
+   English text (Debian's python3.11-doc reStructuredText), with a byte-level BPE tokenizer
+   trained offline on the same training documents.
+2. Convert it with ``mean``, ``first`` and ``random`` to H, H/2, H/4 and 1 K/V heads
+   (``gqa_uptrain.convert``).
+3. Uptrain each for alpha in {0, 1%, 5%, 10%} of N steps with the original recipe: same data, same
+   optimizer and hyper-parameters, the learning-rate schedule continuing where pretraining left
+   it (``gqa_uptrain.uptrain``). The MHA original gets the same extra steps as a control, so
+   "uptraining helps" is not confused with "more training helps".
+4. Evaluate held-out perplexity (documents never trained on), KV-cache size (computed and checked
+   against the allocated cache) and greedy decode speed (``gqa_uptrain.evaluation``).
+
+It writes ``results.md`` (tables and the paper's claims checked against the numbers),
+``results.json`` (every number) and three PNG charts, the analogues of the paper's Figure 4
+(methods), Figure 5 (alpha sweep) and Figure 6 (number of groups vs speed and quality), into
+``--out``. Checkpoints go to ``--work`` (kept, so an interrupted run resumes where it stopped).
+
+    .venv/bin/python scripts/reproduce_paper.py --scale smoke --out /tmp/gqa-smoke
+    .venv/bin/python scripts/reproduce_paper.py --scale full --out results/full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gqa_uptrain import convert
+from gqa_uptrain.data import DataConfig, split_train_eval
+from gqa_uptrain.errors import ConfigError, GQAError
+from gqa_uptrain.evaluation import (
+    kv_layout,
+    load_model,
+    measure_cache,
+    measure_speed,
+    perplexity,
+    tokenize_documents,
+)
+from gqa_uptrain.outputs import atomic_output_dir, check_output_dir
+
+logger = logging.getLogger("reproduce_paper")
+
+DEFAULT_DATA = "/usr/share/doc/python3.11/html/_sources"
+METHODS = ("mean", "first", "random")
+ALPHAS = (0.0, 0.01, 0.05, 0.10)
+EOS = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Model, data and budget of one run."""
+
+    hidden: int
+    layers: int
+    heads: int  # H; converted to H, H/2, H/4, 1 K/V heads
+    intermediate: int
+    vocab: int
+    block_size: int  # training sequence length (also the perplexity window)
+    batch_size: int
+    pretrain_steps: int  # N
+    learning_rate: float
+    warmup_steps: int
+    max_documents: int | None  # training documents (None: all)
+    eval_documents: int  # held-out documents (never trained on)
+    max_eval_tokens: int  # held-out tokens scored per model
+    speed_contexts: tuple[int, ...]
+    speed_batch: int
+    new_tokens: int
+    repeats: int
+
+
+SCALES: dict[str, Scale] = {
+    # A few minutes on 2 CPU cores (the CI test runs it): every cell of every table is filled, the
+    # numbers mean little.
+    "smoke": Scale(
+        hidden=64,
+        layers=2,
+        heads=8,
+        intermediate=172,
+        vocab=512,
+        block_size=64,
+        batch_size=8,
+        pretrain_steps=100,
+        learning_rate=3e-3,
+        warmup_steps=10,
+        max_documents=60,
+        eval_documents=8,
+        max_eval_tokens=1024,
+        speed_contexts=(16, 64),
+        speed_batch=2,
+        new_tokens=4,
+        repeats=1,
+    ),  # fmt: skip
+    # Under an hour on 2 idle CPU cores (minutes on a GPU): 1.3M parameters, 2000 pretraining steps
+    # of 16 x 128 tokens (4M tokens, a little over one pass over the docs).
+    "full": Scale(
+        hidden=128,
+        layers=4,
+        heads=8,
+        intermediate=344,
+        vocab=2048,
+        block_size=128,
+        batch_size=16,
+        pretrain_steps=2000,
+        learning_rate=2e-3,
+        warmup_steps=100,
+        max_documents=None,
+        eval_documents=40,
+        max_eval_tokens=50_000,
+        speed_contexts=(128, 512, 1024),
+        speed_batch=8,
+        new_tokens=32,
+        repeats=3,
+    ),  # fmt: skip
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------------
+
+
+def data_config(data: str, scale: Scale, seed: int, cache_dir: Path) -> DataConfig:
+    """The one data recipe of pretraining, uptraining and held-out evaluation (documents split once).
+
+    One ``datasets`` cache for every run: the text is read and tokenized once, not 31 times.
+    """
+    return DataConfig(
+        source=data,
+        block_size=scale.block_size,
+        eval_documents=scale.eval_documents,
+        max_documents=scale.max_documents,
+        seed=seed,
+        cache_dir=str(cache_dir),
+    )
+
+
+def train_tokenizer(train_docs: Any, text_column: str, vocab: int, out: Path) -> Any:
+    """A byte-level BPE trained offline on the training documents only, saved for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if (out / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(out)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((row[text_column] for row in train_docs), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=EOS)
+    fast.save_pretrained(out)
+    return fast
+
+
+def init_original(scale: Scale, tokenizer: Any, out: Path, seed: int) -> Path:
+    """Randomly initialised Llama-architecture MHA model (H query heads, H K/V heads), saved."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=scale.hidden,
+        intermediate_size=scale.intermediate,
+        num_hidden_layers=scale.layers,
+        num_attention_heads=scale.heads,
+        num_key_value_heads=scale.heads,
+        # Positions beyond the training length are only used by the speed runs (long contexts).
+        max_position_embeddings=max(4 * scale.block_size, max(scale.speed_contexts) + 2 * scale.new_tokens),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def train(
+    source: Path, out: Path, steps: int, start_step: int, scale: Scale, dcfg: DataConfig, seed: int
+) -> Path:
+    """Train ``source`` for ``steps`` optimizer steps of the pretraining recipe; returns the model folder.
+
+    Pretraining (``start_step == 0``): AdamW, linear warmup then cosine decay to 10% of the peak
+    learning rate at step N. Uptraining (``start_step == N``) continues that recipe where it ended:
+    the same optimizer and hyper-parameters, the same data, at the schedule's final learning rate
+    (constant; the cosine has reached its floor). The optimizer state starts afresh because the K/V
+    parameters changed shape. Every uptraining run gets the same data order, so methods and
+    head counts are compared on identical batches.
+    """
+    from gqa_uptrain.config import config_from_dict
+    from gqa_uptrain.training import uptrain
+
+    model_dir = out / "model"
+    if (model_dir / "config.json").is_file():  # finished in an earlier, interrupted run
+        return model_dir
+    pretraining = start_step == 0
+    recipe = {
+        "model": {"path": str(source)},
+        "data": asdict(dcfg),
+        "optim": {"lr": scale.learning_rate * (1.0 if pretraining else 0.1), "batch_size": scale.batch_size,
+                  "weight_decay": 0.1, "grad_clip": 1.0, "mixed_precision": "no"},
+        "schedule": ({"kind": "cosine", "warmup_steps": scale.warmup_steps, "min_lr_ratio": 0.1}
+                     if pretraining else {"kind": "constant", "warmup_steps": 0}),
+        "budget": {"steps": steps},
+        "eval": {"every": 0, "at_start": False, "max_blocks": 8},
+        "checkpoint": {"every": 0},
+        "output": {"dir": str(out), "overwrite": True, "log_with": [], "log_every": max(1, steps // 5)},
+        "seed": seed if pretraining else seed + 1,
+    }  # fmt: skip
+    uptrain(config_from_dict(recipe))
+    if not (model_dir / "config.json").is_file():
+        raise GQAError(f"uptraining {source} wrote no model to {model_dir}")
+    return model_dir
+
+
+def kv_heads_list(heads: int) -> list[int]:
+    """H, H/2, H/4, 1 (deduplicated, those that divide H)."""
+    out: list[int] = []
+    for g in (heads, heads // 2, heads // 4, 1):
+        if g >= 1 and heads % g == 0 and g not in out:
+            out.append(g)
+    return out
+
+
+def alpha_steps(alpha: float, n: int) -> int:
+    """Uptraining steps for proportion ``alpha`` of ``n`` (at least one step when alpha > 0)."""
+    return 0 if alpha == 0 else max(1, round(alpha * n))
+
+
+@dataclass
+class Row:
+    """One evaluated checkpoint."""
+
+    method: str  # "original" for the MHA model itself
+    kv_heads: int
+    alpha: float
+    steps: int
+    perplexity: float
+    nll: float
+    kv_bytes_per_token: int
+    kv_cache_match: bool
+    path: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def _pct(alpha: float) -> str:
+    return f"{alpha * 100:g}%"
+
+
+def _lookup(rows: list[Row], method: str, kv_heads: int, alpha: float) -> Row | None:
+    for r in rows:
+        if r.method == method and r.kv_heads == kv_heads and math.isclose(r.alpha, alpha):
+            return r
+    return None
+
+
+def check_claims(rows: list[Row], heads: int, within: float = 0.05) -> list[dict[str, Any]]:
+    """The paper's three claims, each checked against the measured perplexities (never assumed)."""
+    base = _lookup(rows, "original", heads, 0.0)
+    assert base is not None
+    groups = [g for g in kv_heads_list(heads) if g < heads]
+    claims: list[dict[str, Any]] = []
+
+    # 1. Figure 4: mean < first < random, at every (K/V heads, alpha).
+    cells = []
+    for g in groups:
+        for a in ALPHAS:
+            m, f, r = (_lookup(rows, meth, g, a) for meth in METHODS)
+            if m and f and r:
+                cells.append({"kv_heads": g, "alpha": a, "mean": m.perplexity, "first": f.perplexity,
+                              "random": r.perplexity, "holds": m.perplexity < f.perplexity < r.perplexity})  # fmt: skip
+    held = sum(c["holds"] for c in cells)
+    claims.append({
+        "claim": "mean < first < random in perplexity (paper Figure 4)",
+        "holds": held == len(cells),
+        "summary": f"holds in {held} of {len(cells)} (K/V heads, alpha) cells",
+        "cells": cells,
+        "mean_beats_random_everywhere": all(c["mean"] < c["random"] for c in cells),
+        "mean_beats_first_everywhere": all(c["mean"] < c["first"] for c in cells),
+    })  # fmt: skip
+
+    # 2. GQA recovers faster than MQA: the gap to the original MHA model, per alpha, GQA vs MQA.
+    gqa_g = (
+        heads // 4
+        if heads // 4 > 1
+        else max(g for g in groups if g > 1)
+        if any(g > 1 for g in groups)
+        else None
+    )
+    gaps = []
+    if gqa_g is not None:
+        for a in ALPHAS:
+            gq, mq = _lookup(rows, "mean", gqa_g, a), _lookup(rows, "mean", 1, a)
+            if gq and mq:
+                gaps.append(
+                    {
+                        "alpha": a,
+                        "gqa_gap": gq.perplexity / base.perplexity - 1,
+                        "mqa_gap": mq.perplexity / base.perplexity - 1,
+                    }
+                )
+    holds2 = bool(gaps) and all(x["gqa_gap"] <= x["mqa_gap"] for x in gaps)
+    claims.append({
+        "claim": f"GQA ({gqa_g} K/V heads) is closer to MHA than MQA at every alpha, and needs uptraining less",
+        "holds": holds2,
+        "summary": "; ".join(f"alpha {_pct(x['alpha'])}: GQA {x['gqa_gap']:+.1%} vs MQA {x['mqa_gap']:+.1%}" for x in gaps),
+        "gaps": gaps,
+    })  # fmt: skip
+
+    # 3. Headline: at alpha = 5%, GQA with H/4 K/V heads within a few percent of the original MHA.
+    g4 = heads // 4
+    r5 = _lookup(rows, "mean", g4, 0.05) if g4 >= 1 else None
+    ctrl = _lookup(rows, "original", heads, 0.05)
+    if r5 is not None:
+        gap = r5.perplexity / base.perplexity - 1
+        claims.append({
+            "claim": f"at alpha = 5%, GQA with H/4 = {g4} K/V heads is within {within:.0%} of the original MHA perplexity",
+            "holds": gap <= within,
+            "summary": f"GQA-{g4} at 5%: {r5.perplexity:.3f} vs original MHA {base.perplexity:.3f} ({gap:+.1%})"
+            + (f"; vs MHA trained the same extra steps {ctrl.perplexity:.3f} ({r5.perplexity / ctrl.perplexity - 1:+.1%})" if ctrl else ""),
+            "gap": gap,
+        })  # fmt: skip
+    return claims
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """results.md: the protocol, the tables, the claims checked, and how the run was made."""
+    scale = result["scale"]
+    heads = scale["heads"]
+    rows = [Row(**r) for r in result["rows"]]
+    groups = kv_heads_list(heads)
+    base = _lookup(rows, "original", heads, 0.0)
+    n = scale["pretrain_steps"]
+    lines = [
+        f"# GQA uptraining reproduced at small scale ({result['scale_name']})",
+        "",
+        "The protocol of Ainslie et al. 2023 (arXiv 2305.13245) on a "
+        f"{result['model']['parameters'] / 1e6:.2f}M-parameter Llama-architecture MHA model "
+        f"({scale['layers']} layers, hidden {scale['hidden']}, {heads} heads of {scale['hidden'] // heads}) pretrained "
+        f"for N = {n} steps of {scale['batch_size']} x {scale['block_size']} tokens on the python3.11 docs "
+        f"({result['data']['train_documents']} training documents, BPE vocabulary {result['model']['vocab']}). "
+        f"Perplexity is on {result['data']['held_out_documents']} held-out documents "
+        f"({result['data']['held_out_tokens']} tokens, windows of {scale['block_size']}, stride {scale['block_size'] // 2}) never trained on.",
+        "",
+        "## Held-out perplexity",
+        "",
+        "Uptraining: alpha x N more steps of the pretraining recipe. At G = H conversion is the identity, "
+        "so the first row is the original MHA model, uptrained the same number of steps as a control.",
+        "",
+        "| method | K/V heads | KV cache / token | "
+        + " | ".join(f"alpha = {_pct(a)} ({alpha_steps(a, n)} steps)" for a in ALPHAS)
+        + " |",
+        "|---|---|---|" + "---|" * len(ALPHAS),
+    ]
+    for g in groups:
+        for method in ("original",) if g == heads else METHODS:
+            cells = []
+            for a in ALPHAS:
+                r = _lookup(rows, method, g, a)
+                cells.append(f"{r.perplexity:.3f}" if r else "n/a")
+            any_r = next(r for r in rows if r.method == method and r.kv_heads == g)
+            label = "MHA (original)" if method == "original" else method
+            lines.append(f"| {label} | {g} | {any_r.kv_bytes_per_token} B | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Original MHA perplexity: **{base.perplexity:.3f}**. KV-cache sizes are float32, computed from the "
+        "config; every one was checked against the cache `generate` allocates: "
+        + ("all match." if all(r.kv_cache_match for r in rows) else "**MISMATCHES found** (see results.json)."),
+        "",
+        "## Decode speed (greedy, CPU)" if result["speed"][0]["device"] == "cpu" else "## Decode speed (greedy)",
+        "",
+        f"Batch {scale['speed_batch']}, {scale['new_tokens']} new tokens, median of {scale['repeats']} runs after a warm-up; "
+        "the K/V-head count decides the speed, not the method, so the mean-pooled model at alpha = 0 is timed.",
+        "",
+        "| K/V heads | KV cache @ longest context | " + " | ".join(f"ctx {c}: tokens/s" for c in scale["speed_contexts"]) + " | "
+        + " | ".join(f"ctx {c}: first token" for c in scale["speed_contexts"]) + " |",
+        "|---|---|" + "---|" * (2 * len(scale["speed_contexts"])),
+    ]  # fmt: skip
+    for g in groups:
+        sp = [s for s in result["speed"] if s["kv_heads"] == g]
+        by_ctx = {s["context"]: s for s in sp}
+        longest = by_ctx[max(by_ctx)]
+        lines.append(
+            f"| {g} | {longest['kv_cache_bytes'] / 2**20:.2f} MiB | "
+            + " | ".join(f"{by_ctx[c]['decode_tokens_per_s']:.0f}" for c in scale["speed_contexts"]) + " | "
+            + " | ".join(f"{1000 * by_ctx[c]['time_to_first_token_s']:.1f} ms" for c in scale["speed_contexts"]) + " |"
+        )  # fmt: skip
+    lines += ["", "## The paper's claims, checked", ""]
+    for c in result["claims"]:
+        lines.append(f"- **{'Holds' if c['holds'] else 'Does not hold'}**: {c['claim']}. {c['summary']}.")
+    lines += ["", "### Where the results disagree with the paper, and why", ""]
+    lines += result["discussion"] or ["All three claims hold in this run."]
+    lines += [
+        "",
+        "## Charts",
+        "",
+        "- `fig4_methods.png`: perplexity per conversion method and K/V-head count, at alpha = 0 and 5% (paper Figure 4).",
+        "- `fig5_alpha.png`: perplexity vs uptraining proportion alpha for each K/V-head count (paper Figure 5).",
+        "- `fig6_groups.png`: decode time per token and perplexity vs number of K/V heads (paper Figure 6).",
+        "",
+        "## How this was made",
+        "",
+        f"- Command: `{result['command']}`",
+        f"- Machine: {result['machine']['description']}",
+        f"- Wall time: {result['seconds'] / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f} min' for k, v in result['stage_seconds'].items())})",
+        f"- Seeds: {result['seed']} (initialisation, document split, data order, random conversion)",
+        f"- Versions: torch {result['machine']['torch']}, transformers {result['machine']['transformers']}, "
+        f"gqa-uptrain {result['machine']['gqa_uptrain']}",
+        "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def discussion(result: dict[str, Any]) -> list[str]:
+    """Data-driven notes for each claim that does not hold (what the numbers show, and the likely cause)."""
+    heads = result["scale"]["heads"]
+    rows = [Row(**r) for r in result["rows"]]
+    base = _lookup(rows, "original", heads, 0.0)
+    notes: list[str] = []
+    for c in result["claims"]:
+        if c["holds"]:
+            continue
+        if c["claim"].startswith("mean < first < random"):
+            bad = [x for x in c["cells"] if not x["holds"]]
+            desc = ", ".join(
+                f"{x['kv_heads']} K/V heads at alpha {_pct(x['alpha'])} (mean {x['mean']:.2f}, first {x['first']:.2f}, random {x['random']:.2f})"
+                for x in bad[:6]
+            )
+            notes.append(
+                f"- Method ordering fails in {len(bad)} cell(s): {desc}. "
+                + ("Mean pooling beats random initialisation everywhere; " if c["mean_beats_random_everywhere"] else "")
+                + ("where mean and first swap, the two are close: in a small model trained briefly, the heads of a "
+                   "group are less alike than in a large pretrained one, so their average is not a better "
+                   "representative than one of them, and after uptraining both start from usable weights."
+                   if not c["mean_beats_first_everywhere"] else "")
+            )  # fmt: skip
+        elif c["claim"].startswith("GQA"):
+            notes.append(
+                f"- GQA vs MQA: {c['summary']}. With few heads per layer the model has little redundancy to pool away; "
+                "differences of a fraction of a percent are within the run-to-run noise of such short uptraining."
+            )
+        elif c["claim"].startswith("at alpha = 5%"):
+            notes.append(
+                f"- Headline: {c['summary']}. The paper's model (T5-XXL) had 64 heads per layer and was uptrained on "
+                f"~5% of 1M steps; here 5% of N is {alpha_steps(0.05, result['scale']['pretrain_steps'])} steps on a "
+                f"{result['model']['parameters'] / 1e6:.1f}M-parameter model whose K/V projections are a larger share "
+                f"of its parameters, so the gap closes more slowly (original MHA: {base.perplexity:.3f})."
+            )  # fmt: skip
+    return notes
+
+
+def plots(result: dict[str, Any], folder: Path) -> list[str]:
+    """fig4_methods.png, fig5_alpha.png, fig6_groups.png (the paper's Figures 4, 5 and 6 at this scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = result["scale"]["heads"]
+    rows = [Row(**r) for r in result["rows"]]
+    base = _lookup(rows, "original", heads, 0.0)
+    groups = [g for g in kv_heads_list(heads) if g < heads]
+
+    # Figure 4: methods side by side per K/V-head count, before and after 5% uptraining.
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    width = 0.8 / len(METHODS)
+    for ax, a in zip(axes, (0.0, 0.05), strict=True):
+        for i, method in enumerate(METHODS):
+            vals = [(_lookup(rows, method, g, a) or base).perplexity for g in groups]
+            ax.bar([j + i * width for j in range(len(groups))], vals, width, label=method)
+        ax.axhline(base.perplexity, color="black", ls="--", lw=1, label="original MHA")
+        ax.set_xticks([j + width for j in range(len(groups))], [f"{g} K/V" for g in groups])
+        ax.set_yscale("log")
+        ax.set_title(f"alpha = {_pct(a)}")
+        ax.set_ylabel("held-out perplexity (log)")
+    axes[0].legend()
+    fig.suptitle("Conversion method (cf. paper Figure 4)")
+    fig.tight_layout()
+    fig.savefig(folder / "fig4_methods.png", dpi=120)
+    plt.close(fig)
+
+    # Figure 5: alpha sweep, mean pooling, each K/V-head count, plus the MHA control.
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [a * 100 for a in ALPHAS]
+    for g in [heads, *groups]:
+        method = "original" if g == heads else "mean"
+        ys = [(_lookup(rows, method, g, a)).perplexity for a in ALPHAS]
+        label = f"MHA control ({g} K/V)" if g == heads else ("MQA (1 K/V)" if g == 1 else f"GQA-{g}")
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.axhline(base.perplexity, color="black", ls="--", lw=1, label="original MHA")
+    ax.set_xlabel("uptraining proportion alpha (% of pretraining steps)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("Uptraining proportion (cf. paper Figure 5)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "fig5_alpha.png", dpi=120)
+    plt.close(fig)
+
+    # Figure 6: number of K/V heads vs decode time per token (each context) and vs perplexity.
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    all_g = kv_heads_list(heads)
+    for c in result["scale"]["speed_contexts"]:
+        ms = [1000 / next(s for s in result["speed"] if s["kv_heads"] == g and s["context"] == c)["decode_tokens_per_s"]
+              * result["scale"]["speed_batch"] for g in all_g]  # fmt: skip
+        ax1.plot(all_g, ms, marker="o", label=f"context {c}")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xticks(all_g, [str(g) for g in all_g])
+    ax1.set_xlabel("K/V heads (groups)")
+    ax1.set_ylabel(f"ms per decode step (batch {result['scale']['speed_batch']})")
+    ax1.set_title("Decode time")
+    ax1.grid(alpha=0.3)
+    ax1.legend()
+    for a in (0.0, 0.05):
+        ys = [(_lookup(rows, "original" if g == heads else "mean", g, a)).perplexity for g in all_g]
+        ax2.plot(all_g, ys, marker="o", label=f"alpha = {_pct(a)}")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xticks(all_g, [str(g) for g in all_g])
+    ax2.set_xlabel("K/V heads (groups)")
+    ax2.set_ylabel("held-out perplexity")
+    ax2.set_title("Quality")
+    ax2.grid(alpha=0.3)
+    ax2.legend()
+    fig.suptitle("Number of groups (cf. paper Figure 6)")
+    fig.tight_layout()
+    fig.savefig(folder / "fig6_groups.png", dpi=120)
+    plt.close(fig)
+    return ["fig4_methods.png", "fig5_alpha.png", "fig6_groups.png"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import transformers
+
+    import gqa_uptrain
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        import psutil
+
+        mem_gib = psutil.virtual_memory().total / 2**30
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        desc = f"{torch.cuda.get_device_name(device)} GPU; host {os.cpu_count()} CPUs ({cpu})"
+    else:
+        desc = f"{os.cpu_count()} CPU cores ({cpu}), torch threads {torch.get_num_threads()}"
+    if mem_gib:
+        desc += f", {mem_gib:.0f} GiB RAM"
+    desc += f", {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return {
+        "description": desc,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "gqa_uptrain": gqa_uptrain.__version__,
+    }
+
+
+def evaluate_checkpoint(
+    path: Path, held_ids: torch.Tensor, scale: Scale, device: str
+) -> tuple[float, float, int, bool]:
+    """Held-out perplexity, KV bytes per token, and whether the config's cache size is what is allocated."""
+    lm = load_model(path, device=device, dtype="float32")
+    layout = kv_layout(lm.model.config, lm.dtype)
+    check = measure_cache(lm.model, layout, context=scale.block_size, batch=1)
+    ppl = perplexity(lm.model, held_ids, max_length=scale.block_size, stride=scale.block_size // 2,
+                     batch_size=16, progress=False)  # fmt: skip
+    return ppl.perplexity, ppl.nll_per_token, layout.bytes_per_token, check.match
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every stage; returns the result dict that ``results.json`` holds."""
+    scale = SCALES[args.scale]
+    if args.steps:
+        scale = replace(scale, pretrain_steps=args.steps)
+    t_start = time.perf_counter()
+    stage: dict[str, float] = {}
+    work = Path(args.work or f"runs/reproduce-{args.scale}")
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    # Data: one document-level split into training and held-out documents, used by every stage.
+    t = time.perf_counter()
+    dcfg = data_config(args.data, scale, args.seed, (work / "cache").absolute())
+    train_docs, held_docs = split_train_eval(dcfg)
+    tokenizer = train_tokenizer(train_docs, dcfg.text_column, scale.vocab, work / "tokenizer")
+    held_ids = tokenize_documents(
+        (row[dcfg.text_column] for row in held_docs), tokenizer, scale.max_eval_tokens
+    )
+    stage["data+tokenizer"] = time.perf_counter() - t
+    logger.info(
+        "%d training documents, %d held-out documents (%d tokens scored)",
+        len(train_docs),
+        len(held_docs),
+        len(held_ids) - 1,
+    )
+
+    # 1. Pretrain the original MHA model.
+    t = time.perf_counter()
+    init = init_original(scale, tokenizer, work / "init", args.seed)
+    original = train(init, work / "original", scale.pretrain_steps, 0, scale, dcfg, args.seed)
+    stage["pretrain"] = time.perf_counter() - t
+
+    # 2-3. Convert and uptrain; 4. evaluate every checkpoint.
+    rows: list[Row] = []
+    t_train = t_eval = 0.0
+    heads = scale.heads
+    n = scale.pretrain_steps
+
+    def add(method: str, g: int, alpha: float, path: Path) -> None:
+        nonlocal t_eval
+        t0 = time.perf_counter()
+        ppl, nll, kvb, match = evaluate_checkpoint(path, held_ids, scale, args.device)
+        t_eval += time.perf_counter() - t0
+        rows.append(Row(method, g, alpha, alpha_steps(alpha, n), ppl, nll, kvb, match, str(path)))
+        logger.info("%-8s %d K/V heads alpha %-4s perplexity %.3f", method, g, _pct(alpha), ppl)
+
+    for g in kv_heads_list(heads):
+        for method in ("original",) if g == heads else METHODS:
+            if method == "original":
+                start = original
+            else:
+                start = work / "convert" / f"{method}-g{g}"
+                if not (start / "config.json").is_file():
+                    convert(
+                        original,
+                        start,
+                        num_kv_heads=g,
+                        method=method,
+                        seed=args.seed,
+                        overwrite=True,
+                        progress=False,
+                    )
+            for alpha in ALPHAS:
+                path = start
+                if alpha > 0:
+                    t0 = time.perf_counter()
+                    path = train(
+                        start,
+                        work / "uptrain" / f"{method}-g{g}-a{alpha * 100:g}",
+                        alpha_steps(alpha, n),
+                        n,
+                        scale,
+                        dcfg,
+                        args.seed,
+                    )
+                    t_train += time.perf_counter() - t0
+                add(method, g, alpha, path)
+    stage["convert+uptrain"] = t_train
+    stage["evaluate"] = t_eval
+
+    # Decode speed per K/V-head count (the method does not change the architecture).
+    t = time.perf_counter()
+    speed = []
+    for g in kv_heads_list(heads):
+        path = original if g == heads else work / "convert" / f"mean-g{g}"
+        lm = load_model(path, device=args.device, dtype="float32")
+        layout = kv_layout(lm.model.config, lm.dtype)
+        for c in scale.speed_contexts:
+            s = measure_speed(
+                lm.model,
+                c,
+                scale.speed_batch,
+                scale.new_tokens,
+                warmup=1,
+                repeats=scale.repeats,
+                seed=args.seed,
+            )
+            speed.append(
+                {
+                    "kv_heads": g,
+                    "device": str(lm.device),
+                    "kv_cache_bytes": layout.cache_bytes(c, scale.speed_batch),
+                    **s.to_dict(),
+                }
+            )
+    stage["speed"] = time.perf_counter() - t
+
+    from transformers import AutoModelForCausalLM
+
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(original).parameters())
+    result: dict[str, Any] = {
+        "scale_name": args.scale,
+        "scale": asdict(scale),
+        "seed": args.seed,
+        "command": args.command,
+        "machine": machine_info(torch.device(speed[0]["device"])),
+        "data": {
+            "source": args.data,
+            "train_documents": len(train_docs),
+            "held_out_documents": len(held_docs),
+            "held_out_tokens": len(held_ids),
+        },
+        "model": {"parameters": params, "vocab": len(tokenizer)},
+        "rows": [asdict(r) for r in rows],
+        "speed": speed,
+        "stage_seconds": stage,
+        "seconds": time.perf_counter() - t_start,
+    }
+    result["claims"] = check_claims(rows, heads)
+    result["discussion"] = discussion(result)
+    return result
+
+
+def write_results(result: dict[str, Any], out: Path, overwrite: bool) -> None:
+    """results.md, results.json and the charts, into ``out`` atomically."""
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        plots(result, tmp)
+        (tmp / "results.md").write_text(markdown(result), encoding="utf-8")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--scale",
+        choices=sorted(SCALES),
+        default="smoke",
+        help="smoke: minutes (CI); full: about an hour on 2 CPU cores.",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="Results folder to create (results.md, results.json, PNG charts).",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="Checkpoints folder, kept for resuming [default: runs/reproduce-SCALE].",
+    )
+    p.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help="Text: a folder/files/glob of documents or a Hub dataset [default: python3.11 docs].",
+    )
+    p.add_argument("--steps", type=int, default=None, help="Override N, the pretraining steps of the scale.")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of initialisation, document split, data order and random conversion.",
+    )
+    p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu or cuda.")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: torch's choice].")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --out folder.")
+    args = p.parse_args(argv)
+    args.command = "python scripts/reproduce_paper.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; one-line errors and exit code 2 for bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    try:
+        check_output_dir(args.out, args.overwrite)  # fail before an hour of work, not after
+        if args.steps is not None and args.steps < 10:
+            raise ConfigError("--steps must be at least 10")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = run(args)
+        write_results(result, args.out, args.overwrite)
+    except GQAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    for c in result["claims"]:
+        print(f"{'HOLDS' if c['holds'] else 'FAILS'}: {c['claim']} -- {c['summary']}")
+    print(f"wrote {args.out}/results.md ({result['seconds'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
