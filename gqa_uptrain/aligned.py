@@ -1,0 +1,500 @@
+"""Function-aware merging: fit each group's shared K/V head on calibration data, fold the rest into Q and O.
+
+Mean pooling averages K/V heads that were never trained to agree: each head works in its own
+basis. ``aligned`` instead fits the shared head to what the group computes on calibration
+activations of the original model, and folds each member's map onto the shared head into weights
+that stay per head (its query rows, its output-projection columns), so the result is a plain GQA
+checkpoint with nothing added at inference (align-then-merge, arXiv 2412.20677; SVD/PCA
+initialisation, Yu et al. 2024 and Palu, arXiv 2407.21118).
+
+Everything is linear in the attention input ``x̃ = [x; 1]`` (the 1 carries biases), so one statistic
+per module is enough: ``Σ = E[x̃ x̃ᵀ]`` from ``calibration.py``. Notation per module: ``H`` query
+heads, ``Hkv`` K/V heads, ``G`` groups of ``g = Hkv/G`` members, ``r = H/Hkv`` query heads per K/V
+head, ``W̃`` a head's ``[d, n+1]`` weight with its bias as last column.
+
+Keys, rotary dimensions (rotate_half layout: dims ``p`` and ``p + R/2`` form a complex number
+``z``): RoPE multiplies ``z`` by a phase, so only complex scalings commute with it. Per group and
+pair, the shared key is ``z_s = Σ_m c_m z_m`` and member ``m`` is approximated by ``a_m z_s``; this is
+the best rank-1 fit of the members' keys, each weighted by ``w_m = E|q_p|²`` summed over the query
+heads that read it (score error ∝ ``|q|·|key error|``). ``conj(a_m)`` is folded into the member's
+query rows ``p, p + R/2`` as a 2x2 rotation-scaling (weights and bias).
+
+Keys, non-rotary dimensions (partial rotary, no RoPE), and values: a general linear fit. With
+``L_m`` the square root of the member's weighting (query covariance for keys; ``Σ_i O_i O_iᵀ`` over its
+query heads for values), the shared head spans the top principal subspace of the stacked
+``L_m · head_m`` and each member's map ``A_m`` is folded into Q (``A_mᵀ q``) or O (``O_i A_m``).
+
+The shared head's basis is chosen to match the group's mean head, so with ``G = Hkv`` every
+member's map is the identity and the model is unchanged (to float tolerance).
+
+K norms (Qwen3 ``k_norm``, OLMo2, StableLM ``qk_layernorm``) normalise keys after projecting, so
+keys are no longer linear in ``x`` and no fold into Q is exact: for those, K is mean-pooled (with a
+warning) and values are still aligned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .calibration import (
+    CalibrationSpec,
+    ModuleMoments,
+    NotCalibratable,
+    calibration_tokens,
+    collect_moments,
+    iter_isotropic,
+)
+from .errors import ConfigError
+from .grouping import GROUPINGS, best_partition, kv_permutation, permute_blocks, query_permutation
+
+if TYPE_CHECKING:
+    from .checkpoint import Source
+    from .merging import HeadBlocks, MergeContext
+
+logger = logging.getLogger(__name__)
+
+NO_ROPE_MODEL_TYPES = {"gpt2", "opt", "bert", "roberta", "t5", "mt5", "gpt_bigcode", "gpt2_gqa"}
+
+
+def rotary_dims(config: dict[str, Any], head_dim: int) -> int:
+    """How many leading dims of each head RoPE rotates (rotate_half layout); 0 without RoPE."""
+    if config.get("model_type") in NO_ROPE_MODEL_TYPES:
+        return 0
+    rope = config.get("rope_parameters") or {}
+    factor = (
+        config.get("partial_rotary_factor")
+        or config.get("rotary_pct")
+        or (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None)
+        or 1.0
+    )
+    r = int(head_dim * float(factor))
+    return r - r % 2
+
+
+def _kind(suffix: str) -> str:
+    if "norm" in suffix:
+        return "norm"
+    return "bias" if suffix.endswith("bias") else "weight"
+
+
+def _find(blocks: HeadBlocks, role: str, kind: str) -> str | None:
+    hits = [s for s, parts in blocks.items() if role in parts and _kind(s) == kind]
+    return hits[0] if hits else None
+
+
+def _augmented(blocks: HeadBlocks, role: str) -> torch.Tensor:
+    """``[n_heads, d, n+1]``: the role's weight rows with the bias (or zeros) as last column."""
+    w = blocks[_find(blocks, role, "weight")][role].double()  # type: ignore[index]
+    b_suffix = _find(blocks, role, "bias")
+    b = blocks[b_suffix][role].double() if b_suffix else torch.zeros(w.shape[:2], dtype=torch.float64)
+    return torch.cat([w, b.unsqueeze(-1)], dim=-1)
+
+
+def _write(blocks: HeadBlocks, role: str, wt: torch.Tensor) -> None:
+    """Store ``[n, d, n+1]`` back into the role's weight and bias blocks (dtypes kept)."""
+    ws = _find(blocks, role, "weight")
+    w = blocks[ws][role]  # type: ignore[index]
+    blocks[ws][role] = wt[..., :-1].to(w.dtype)  # type: ignore[index]
+    bs = _find(blocks, role, "bias")
+    if bs:
+        blocks[bs][role] = wt[..., -1].to(blocks[bs][role].dtype)
+
+
+def _sqrtm(m: torch.Tensor, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root of a PSD matrix and its inverse (regularised)."""
+    e, u = torch.linalg.eigh(m)
+    e = e.clamp_min(0) + rel_eps * e.abs().max().clamp_min(1e-30)
+    return (u * e.sqrt()) @ u.T, (u / e.sqrt()) @ u.T
+
+
+def _rows_gram(w: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``[..., a, n+1]`` rows -> ``[..., a, a]`` their second moments ``W Σ Wᵀ``."""
+    return w @ sigma @ w.transpose(-1, -2)
+
+
+@dataclass
+class LinearFit:
+    """Shared head ``Σ_m C_m head_m``; member ``m`` ≈ ``A_m`` shared."""
+
+    c: torch.Tensor  # [g, e, e]
+    a: torch.Tensor  # [g, e, e]
+    residual: float  # weighted energy the shared head misses
+    total: float
+
+
+def linear_fit(w: torch.Tensor, sigma: torch.Tensor, l_sqrt: torch.Tensor, l_inv: torch.Tensor) -> LinearFit:
+    """Weighted principal-subspace fit of ``g`` members' heads ``w`` ``[g, e, n+1]``.
+
+    ``l_sqrt``/``l_inv`` ``[g, e, e]``: each member's weighting square root and its inverse; the
+    error ``Σ_m E‖L_m (head_m − A_m shared)‖²`` is minimised over rank-``e`` shared heads.
+    """
+    g, e, _ = w.shape
+    b = (l_sqrt @ w).reshape(g * e, -1)  # [g e, n+1] weighted members, stacked
+    s = b @ sigma @ b.T  # [g e, g e]
+    lam, vec = torch.linalg.eigh(s)
+    lam, u = lam.flip(0)[:e].clamp_min(0), vec.flip(1)[:, :e]  # top-e: [e], [g e, e]
+    total = float(s.trace())
+    residual = max(total - float(lam.sum()), 0.0)
+    # Basis: regress the group's mean head on the components (exact identity when g == 1).
+    z_cov = lam.clamp_min(1e-12 * float(lam.max().clamp_min(1e-30)))
+    mean = w.mean(0)  # [e, n+1]
+    m = (mean @ sigma @ b.T @ u) / z_cov  # [e, e]
+    if not torch.isfinite(m).all() or torch.linalg.cond(m) > 1e8:
+        m = torch.eye(e, dtype=w.dtype)
+    um = u.reshape(g, e, e)  # U_m: [g, e(member dims), e(components)]
+    c = m @ um.transpose(1, 2) @ l_sqrt  # C_m = M U_mᵀ L_m
+    a = l_inv @ um @ torch.linalg.inv(m)  # A_m = L_m⁻¹ U_m M⁻¹
+    return LinearFit(c, a, residual, total)
+
+
+@dataclass
+class ModuleStats:
+    """A module's blocks (already in group order) seen through its calibration moments."""
+
+    wq: torch.Tensor  # [H, d, n+1]
+    wk: torch.Tensor  # [Hkv, d, n+1]
+    wv: torch.Tensor  # [Hkv, d, n+1]
+    o: torch.Tensor  # [H, d, out]
+    sigma: torch.Tensor  # [n+1, n+1]
+    rot: int  # rotary dims R
+    key_mean: bool  # K norms: keys are mean-pooled
+    _cache: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, blocks: HeadBlocks, mom: ModuleMoments, rot: int) -> ModuleStats:
+        return cls(
+            wq=_augmented(blocks, "q"),
+            wk=_augmented(blocks, "k"),
+            wv=_augmented(blocks, "v"),
+            o=blocks[_find(blocks, "o", "weight")]["o"].double(),  # type: ignore[index]
+            sigma=mom.sigma.double(),
+            rot=rot,
+            key_mean=mom.has_qk_norm,
+        )
+
+    @property
+    def r(self) -> int:
+        return self.wq.shape[0] // self.wk.shape[0]
+
+    def _q_energy(self) -> torch.Tensor:
+        """``[Hkv, d]``: E[q²] per dim, summed over each K/V head's query heads."""
+        if "qe" not in self._cache:
+            e = ((self.wq @ self.sigma) * self.wq).sum(-1)  # [H, d]
+            self._cache["qe"] = e.view(-1, self.r, e.shape[-1]).sum(1)
+        return self._cache["qe"]
+
+    def _pair_gram(self, members: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per rotary pair: weighted member Gram ``[P, g, g]`` (complex) and weights ``[P, g]``."""
+        p = self.rot // 2
+        idx = torch.tensor(members)
+        wk = self.wk[idx]
+        om = torch.complex(wk[:, :p], wk[:, p : 2 * p])  # [g, P, n+1]
+        gram = torch.einsum("mpn,kpn->pmk", om.conj(), om @ self.sigma.to(om.dtype))  # E[conj(z_m) z_k]
+        qe = self._q_energy()[idx]
+        w = (qe[:, :p] + qe[:, p : 2 * p]).T  # [P, g]
+        w = w + 1e-9 * w.amax().clamp_min(1e-30)
+        d = w.sqrt().to(gram.dtype)
+        return d[:, :, None] * gram * d[:, None, :], w
+
+    def _weights_nonrot(self, members: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        rot, r = self.rot, self.r
+        mats = []
+        for m in members:
+            wq = self.wq[m * r : (m + 1) * r, rot:]  # [r, e, n+1]
+            mats.append(_rows_gram(wq, self.sigma).sum(0))
+        roots = [_sqrtm(x) for x in mats]
+        return torch.stack([a for a, _ in roots]), torch.stack([b for _, b in roots])
+
+    def _weights_v(self, members: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.r
+        roots = [_sqrtm(sum(oi @ oi.T for oi in self.o[m * r : (m + 1) * r])) for m in members]
+        return torch.stack([a for a, _ in roots]), torch.stack([b for _, b in roots])
+
+    # -- costs (for similarity grouping): relative energy lost, K and V added ------------------
+    def aligned_cost(self, members: tuple[int, ...]) -> float:
+        """Relative K + V error of the aligned fit of ``members`` (lower merges better)."""
+        idx = torch.tensor(members)
+        k_res = k_tot = 0.0
+        if self.key_mean:
+            return self.mean_cost(members, keys_only=True) + self._v_fit(members).residual / max(
+                self._v_fit(members).total, 1e-30
+            )
+        if self.rot:
+            a, _ = self._pair_gram(members)
+            lam = torch.linalg.eigvalsh(a)  # [P, g]
+            k_tot += float(lam.sum())
+            k_res += float(lam[:, :-1].sum())
+        if self.rot < self.wk.shape[1]:
+            ls, li = self._weights_nonrot(members)
+            f = linear_fit(self.wk[idx, self.rot :], self.sigma, ls, li)
+            k_res, k_tot = k_res + f.residual, k_tot + f.total
+        v = self._v_fit(members)
+        return k_res / max(k_tot, 1e-30) + v.residual / max(v.total, 1e-30)
+
+    def mean_cost(self, members: tuple[int, ...], keys_only: bool = False) -> float:
+        """Relative K (+ V) error of mean pooling ``members``: E‖head_m − mean‖² over E‖head_m‖²."""
+        idx = torch.tensor(members)
+        out = 0.0
+        for w in (self.wk[idx], *(() if keys_only else (self.wv[idx],))):
+            dev = w - w.mean(0, keepdim=True)
+            out += float(((dev @ self.sigma) * dev).sum()) / max(float(((w @ self.sigma) * w).sum()), 1e-30)
+        return out
+
+    def _v_fit(self, members: tuple[int, ...]) -> LinearFit:
+        key = ("v", members)
+        if key not in self._cache:
+            ls, li = self._weights_v(members)
+            self._cache[key] = linear_fit(self.wv[torch.tensor(members)], self.sigma, ls, li)
+        return self._cache[key]
+
+    # -- the fit itself ------------------------------------------------------------------------
+    def merged(self, num_groups: int) -> dict[str, torch.Tensor]:
+        """New augmented weights ``{q: [H,d,n+1], k: [G,d,n+1], v: [G,d,n+1], o: [H,d,out]}`` for
+        contiguous groups of the (already permuted) heads."""
+        hkv, d = self.wk.shape[:2]
+        g, r, p = hkv // num_groups, self.r, self.rot // 2
+        wq, o = self.wq.clone(), self.o.clone()
+        k_new = torch.empty(num_groups, d, self.wk.shape[-1], dtype=torch.float64)
+        v_new = torch.empty_like(k_new)
+        for j in range(num_groups):
+            members = tuple(range(j * g, (j + 1) * g))
+            idx = torch.tensor(members)
+            if self.key_mean:
+                k_new[j] = self.wk[idx].mean(0)
+            else:
+                if p:
+                    a_w, w = self._pair_gram(members)
+                    _, vec = torch.linalg.eigh(a_w)
+                    u = vec[..., -1]  # [P, g] top eigenvector per pair
+                    sw = w.sqrt().to(u.dtype)
+                    c, a = sw * u, u.conj() / sw  # z_s = Σ c_m z_m ; z_m ≈ a_m z_s
+                    lam = (w / w.sum(1, keepdim=True)).to(a.dtype).mul(a).sum(1, keepdim=True)  # [P, 1]
+                    fallback = a.abs().pow(2).mean(1, keepdim=True).sqrt().to(a.dtype)
+                    lam = torch.where(lam.abs() > 1e-6 * fallback.abs(), lam, fallback)
+                    c, a = c * lam, a / lam
+                    wk = self.wk[idx]
+                    re, im = wk[:, :p], wk[:, p : 2 * p]  # [g, P, n+1]
+                    cr, ci = c.real.T[:, :, None], c.imag.T[:, :, None]  # [g, P, 1]
+                    k_new[j, :p] = (cr * re - ci * im).sum(0)
+                    k_new[j, p : 2 * p] = (ci * re + cr * im).sum(0)
+                    for mi, m in enumerate(members):
+                        # q ← conj(a) q: a 2x2 rotation-scaling of rows (p, p + R/2)
+                        al, be = a.real[:, mi, None], -a.imag[:, mi, None]  # [P, 1]
+                        qs = slice(m * r, (m + 1) * r)
+                        qr, qi = self.wq[qs, :p], self.wq[qs, p : 2 * p]
+                        wq[qs, :p] = al * qr - be * qi
+                        wq[qs, p : 2 * p] = be * qr + al * qi
+                if self.rot < d:
+                    ls, li = self._weights_nonrot(members)
+                    f = linear_fit(self.wk[idx, self.rot :], self.sigma, ls, li)
+                    k_new[j, self.rot :] = (f.c @ self.wk[idx, self.rot :]).sum(0)
+                    for mi, m in enumerate(members):
+                        qs = slice(m * r, (m + 1) * r)
+                        wq[qs, self.rot :] = f.a[mi].T @ self.wq[qs, self.rot :]
+            f = self._v_fit(members)
+            v_new[j] = (f.c @ self.wv[idx]).sum(0)
+            for mi, m in enumerate(members):
+                qs = slice(m * r, (m + 1) * r)
+                o[qs] = f.a[mi].T @ self.o[qs]  # O_i A_m, in the [d, out] block layout
+        return {"q": wq, "k": k_new, "v": v_new, "o": o}
+
+
+@dataclass
+class _ModulePlan:
+    kv_perm: torch.Tensor | None  # new K/V slot -> old K/V head; None: contiguous
+    moments: ModuleMoments | None  # None: mean pooling after the permutation
+
+
+class CalibratedMerge:
+    """``aligned`` (or ``mean`` with similarity grouping): needs calibration before streaming.
+
+    ``prepare(src, G)`` runs the calibration pass (see ``calibration.py``) and keeps, per module,
+    the head permutation and the input moments (``[n+1, n+1]``; float32 to halve memory);
+    ``merge`` then fits and folds when the converter streams that module.
+    """
+
+    def __init__(
+        self,
+        name: str = "aligned",
+        calibration: CalibrationSpec | None = None,
+        grouping: str = "contiguous",
+        *,
+        progress: bool = True,
+        tokens: torch.Tensor | None = None,
+    ):
+        if grouping not in GROUPINGS:
+            raise ConfigError(f"unknown --grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
+        if name not in ("aligned", "mean"):
+            raise ConfigError(f"--grouping similarity works with --method aligned or mean, not {name!r}")
+        self.name = name
+        self.calibration = calibration
+        self.grouping = grouping
+        self.progress = progress
+        self.tokens = tokens  # pre-tokenized calibration data (library use), else from ``calibration``
+        self.plans: dict[str, _ModulePlan] = {}
+        self.notes: list[str] = []
+        self.fallback: str | None = None
+
+    # -- before streaming ----------------------------------------------------------------------
+    def prepare(self, src: Source, num_kv_heads: int) -> None:
+        """Calibrate on the original model and plan each module (grouping included)."""
+        if self.calibration is None and self.tokens is None:
+            if self.name == "aligned":
+                raise ConfigError(
+                    "--method aligned needs calibration text: add --calibration DATA (a text file or folder)"
+                )
+            raise ConfigError("--grouping similarity needs calibration text: add --calibration DATA")
+        from .architectures import get_architecture
+
+        arch = get_architecture(src.config)
+        dims = arch.converted_dims(src.config)
+        self._rot = rotary_dims(src.config, dims.head_dim)
+        self._g = num_kv_heads
+        units = _module_tensors(src, arch)
+        tokens = self.tokens if self.tokens is not None else calibration_tokens(src, self.calibration)  # type: ignore[arg-type]
+
+        def on_module(mom: ModuleMoments) -> None:
+            self._plan(mom, units[mom.module_name], src, dims.num_heads)
+
+        try:
+            bs = self.calibration.batch_size if self.calibration else 8
+            collect_moments(src, tokens, on_module, batch_size=bs, progress=self.progress)
+        except NotCalibratable as e:
+            self.fallback = str(e)
+            logger.warning(
+                "%s cannot be calibrated layer by layer (%s): fitting from the weights alone (isotropic inputs)",
+                arch.name,
+                e,
+            )
+            self.plans.clear()
+            for mom in iter_isotropic(src):
+                self._plan(mom, units[mom.module_name], src, dims.num_heads)
+        n_norm = sum(1 for p in self.plans.values() if p.moments is not None and p.moments.has_qk_norm)
+        if self.name == "aligned" and n_norm:
+            logger.warning(
+                "%s normalises keys (q/k norms): keys are mean-pooled in %d modules, values aligned",
+                arch.name,
+                n_norm,
+            )
+        self._card_notes(tokens, n_norm)
+
+    def _plan(self, mom: ModuleMoments, unit: dict, src: Source, num_heads: int) -> None:
+        perm = None
+        if self.grouping == "similarity":
+            blocks = _read_blocks(src, unit)
+            stats = ModuleStats.build(blocks, mom, self._rot)
+            hkv = stats.wk.shape[0]
+            cost = stats.aligned_cost if self.name == "aligned" else stats.mean_cost
+            groups = best_partition(hkv, hkv // self._g, cost)
+            perm = kv_permutation(groups)
+            if torch.equal(perm, torch.arange(hkv)):
+                perm = None
+            logger.debug("%s: groups %s", mom.module_name, groups)
+        mom = ModuleMoments(mom.module_name, mom.sigma.float(), mom.num_tokens, mom.has_qk_norm)
+        self.plans[mom.module_name] = _ModulePlan(perm, mom if self.name == "aligned" else None)
+
+    def _card_notes(self, tokens: torch.Tensor, n_norm: int) -> None:
+        data = self.calibration.data if self.calibration else "pre-tokenized tokens"
+        notes = [f"- **Merge method:** `{self.name}`; **grouping:** `{self.grouping}`"]
+        if self.fallback:
+            notes.append(f"- **Calibration:** not run ({self.fallback}); fitted from the weights alone")
+        else:
+            notes.append(
+                f"- **Calibration data:** `{data}`, {tokens.numel():,} tokens ({tokens.shape[0]} × {tokens.shape[1]})"
+            )
+        if n_norm and self.name == "aligned":
+            notes.append(f"- Keys mean-pooled in {n_norm} modules with K norms; values aligned")
+        moved = sum(1 for p in self.plans.values() if p.kv_perm is not None)
+        if self.grouping == "similarity":
+            notes.append(f"- Heads permuted into similarity groups in {moved} of {len(self.plans)} modules")
+        self.notes = notes
+
+    def card_notes(self) -> list[str]:
+        """Lines for the model card (method, grouping, calibration data and token count)."""
+        return list(self.notes)
+
+    # -- while streaming -----------------------------------------------------------------------
+    def merge(self, blocks: HeadBlocks, ctx: MergeContext) -> HeadBlocks:
+        """Permute (similarity grouping), then fit and fold (``aligned``) or mean-pool."""
+        from .merging import MeanPooling
+
+        plan = self.plans.get(ctx.module_name)
+        if plan is None:
+            raise ConfigError(f"{ctx.module_name} was not calibrated; run prepare() before merging")
+        if plan.kv_perm is not None:
+            num_heads = blocks[_find(blocks, "q", "weight")]["q"].shape[0]  # type: ignore[index]
+            blocks = permute_blocks(blocks, plan.kv_perm, num_heads)
+        if plan.moments is None:
+            return MeanPooling().merge(blocks, ctx)
+        stats = ModuleStats.build(blocks, plan.moments, self._rot)
+        new = stats.merged(ctx.num_kv_heads)
+        out = {s: dict(p) for s, p in blocks.items()}
+        _write(out, "q", new["q"])
+        ws = _find(out, "o", "weight")
+        out[ws]["o"] = new["o"].to(out[ws]["o"].dtype)  # type: ignore[index]
+        _write(out, "k", new["k"])
+        _write(out, "v", new["v"])
+        if stats.key_mean:  # K norms (and anything else of role k): mean-pooled like the keys
+            for s, parts in out.items():
+                if "k" in parts and _kind(s) == "norm":
+                    x = parts["k"]
+                    parts["k"] = x.reshape(ctx.num_kv_heads, -1, *x.shape[1:]).float().mean(1).to(x.dtype)
+        return out
+
+
+def _module_tensors(src: Source, arch) -> dict[str, dict[str, list]]:
+    """Converted attention modules: ``{module_name: {suffix: [TensorInfo in head order]}}``."""
+    units: dict[str, dict[str, list]] = {}
+    for info in src.reader.infos():
+        for m in arch.modules:
+            hit = m.match(info.name)
+            if hit and m.convert:
+                name, suffix, head = hit
+                units.setdefault(name, {"_module": m}).setdefault(suffix, []).append((head or 0, info))
+    return units
+
+
+def _read_blocks(src: Source, unit: dict) -> HeadBlocks:
+    """A module's head blocks read from the checkpoint (per-head templates stacked in head order)."""
+    module = unit["_module"]
+    dims = module.dims(src.config)
+    out = {}
+    for suffix, items in unit.items():
+        if suffix == "_module":
+            continue
+        items = sorted(items, key=lambda x: x[0])
+        t = (
+            torch.cat([src.reader.read(i) for _, i in items])
+            if "{i}" in suffix
+            else src.reader.read(items[0][1])
+        )
+        out[suffix] = module.tensors[suffix].unpack(t, dims)
+    return out
+
+
+def build_method(
+    method: str, calibration: CalibrationSpec | None, grouping: str = "contiguous", *, progress: bool = True
+) -> Any:
+    """The merge method the CLI asks for: calibrated when needed, the plain one otherwise."""
+    from .merging import get_method
+
+    if method == "aligned" or grouping == "similarity":
+        return CalibratedMerge(method, calibration, grouping, progress=progress)
+    if grouping not in GROUPINGS:
+        raise ConfigError(f"unknown --grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
+    return get_method(method)
+
+
+__all__: Iterable[str] = (
+    "CalibratedMerge",
+    "ModuleStats",
+    "build_method",
+    "linear_fit",
+    "query_permutation",
+    "rotary_dims",
+)
