@@ -285,6 +285,9 @@ def convert(
             )
 
         plan = [t for u in units for t in _plan_unit(u, config, num_kv_heads, target_dtype)]
+        prepare = getattr(merge, "prepare", None)
+        if prepare is not None:  # methods that calibrate on the source model before streaming
+            prepare(src, num_kv_heads)
         if before_write is not None:
             before_write(src)
 
@@ -315,6 +318,9 @@ def convert(
             needs_trust_remote_code=not arch.native,
             command=command,
         )
+        notes = getattr(merge, "card_notes", None)
+        if notes is not None:  # methods may describe themselves in the model card
+            result.extra["card_notes"] = list(notes())
 
         with atomic_output_dir(output, overwrite) as tmp:
             _stream(src, units, plan, tmp, shard_bytes, config, merge, num_kv_heads, seed, target_dtype, progress)

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import torch
 
+from .aligned import CalibratedMerge
 from .architectures.base import Role
 
 HeadBlocks = dict[str, dict[Role, torch.Tensor]]  # tensor suffix -> role -> [n_heads, d, *rest]
@@ -112,7 +113,11 @@ class RandomInit(_PerBlock):
         return torch.randn(g, *x.shape[1:], generator=gen) * x.std()
 
 
-METHODS: Mapping[str, MergeMethod] = {m.name: m for m in (MeanPooling(), FirstHead(), RandomInit())}
+# ``aligned`` (aligned.py) fits merged heads on calibration data: as registered here it has none and
+# asks for it; the CLI and library callers pass a CalibratedMerge built with their data.
+METHODS: Mapping[str, MergeMethod] = {
+    m.name: m for m in (MeanPooling(), FirstHead(), RandomInit(), CalibratedMerge("aligned"))
+}
 
 
 def get_method(name: str) -> MergeMethod:
