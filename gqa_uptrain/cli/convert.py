@@ -11,7 +11,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..calibration import DEFAULT_TOKENS
 from ..card import _fmt_bytes
+from ..grouping import GROUPINGS
 from ..merging import METHODS
 from ._common import console, main_for, make_app, run_command, setup_logging
 
@@ -29,6 +31,8 @@ DType = Enum("DType", {n: n for n in ("float32", "float16", "bfloat16")}, type=s
 IO = "Input / output"
 CONV = "Conversion"
 HUB = "Hugging Face Hub"
+CAL = "Calibration"
+Grouping = Enum("Grouping", {n: n for n in GROUPINGS}, type=str)  # type: ignore[misc]
 
 
 @app.command()
@@ -54,15 +58,49 @@ def convert(
         ),
     ],
     method: Annotated[
-        Method,
+        Method | None,
         typer.Option(
-            help="How a group of K/V heads becomes one: [bold]mean[/] averages them (the paper's method, "
-            "best of the three); [bold]first[/] keeps each group's first head; [bold]random[/] draws new "
-            "heads at random (the paper's ablations).",
+            help="How a group of K/V heads becomes one: [bold]aligned[/] fits the shared head to the "
+            "group's keys and values on --calibration text and folds each head's map into its query "
+            "rows and output columns (no extra inference cost; far closer to the original); "
+            "[bold]mean[/] averages them (the paper's method); [bold]first[/] keeps each group's first "
+            "head; [bold]random[/] draws new heads at random (the paper's ablations). "
+            "Default: aligned when --calibration is given, else mean.",
             rich_help_panel=CONV,
+            show_default=False,
         ),
-    ] = "mean",  # type: ignore[assignment]
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for --method random.", rich_help_panel=CONV)] = 0,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            help="Text to calibrate on: a local text file or folder (.txt/.md/.rst), or a dataset spec as "
+            "in gqa-uptrain. Needed by --method aligned and --grouping similarity. Cost: about one "
+            "forward pass of the original model over the calibration tokens plus a small fit per layer; "
+            "memory: one decoder layer plus the activations of the calibration tokens "
+            "(tokens × hidden size × 4 bytes), whatever the model size.",
+            rich_help_panel=CAL,
+            show_default=False,
+        ),
+    ] = None,
+    calibration_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Tokens of --calibration text to use (cut into blocks of up to 512). Time grows linearly.",
+            rich_help_panel=CAL,
+            min=1,
+        ),
+    ] = DEFAULT_TOKENS,
+    grouping: Annotated[
+        Grouping,
+        typer.Option(
+            help="Which K/V heads share a group: [bold]contiguous[/] runs of heads (the paper); "
+            "[bold]similarity[/] picks equal-size groups that merge best on the --calibration text, "
+            "then permutes whole heads (Q, K, V, O, biases, norms together; function unchanged) "
+            "so each group is contiguous.",
+            rich_help_panel=CAL,
+        ),
+    ] = "contiguous",  # type: ignore[assignment]
     dtype: Annotated[
         DType | None,
         typer.Option(
@@ -115,9 +153,14 @@ def convert(
 ) -> None:
     """Convert SOURCE to grouped-query attention with --num-kv-heads K/V heads and write OUTPUT."""
     setup_logging(verbose)
+    from ..aligned import build_method
+    from ..calibration import CalibrationSpec
     from ..conversion import convert as run
 
     command = "gqa-convert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # With calibration data, aligned is the better method (results/merging.md): make it the default.
+    method_name = method.value if method else ("aligned" if calibration else "mean")
+    spec = CalibrationSpec(calibration, calibration_tokens) if calibration else None
     if push_to_hub:  # no token or a bad repo id: fail before the conversion, not after it
         from ..hub import check_push_target, push_folder
 
@@ -127,7 +170,7 @@ def convert(
             source,
             output,
             num_kv_heads,
-            method.value,
+            build_method(method_name, spec, grouping.value, progress=not quiet),
             revision=revision,
             gguf_file=gguf_file,
             allow_pickle=allow_pickle,
