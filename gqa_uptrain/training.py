@@ -429,7 +429,11 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
     out = Path(cfg.output.dir).expanduser().absolute()
     mp = _resolve_mixed_precision(cfg.optim.mixed_precision)
     trackers = [t for t in cfg.output.log_with if t and t != "none"]
+    # accelerate only goes multi-process on CPU (gloo) when told `cpu=True`: do so under torchrun /
+    # accelerate launch on a machine without a GPU, so `torchrun --nproc_per_node N` just works.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) >= 0
     accelerator = Accelerator(
+        cpu=launched and not torch.cuda.is_available(),
         mixed_precision=mp,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.optim.grad_accum, sync_with_dataloader=False

@@ -11,7 +11,12 @@ from gqa_uptrain.config import UptrainConfig, apply_overrides, config_from_dict,
 from gqa_uptrain.errors import ConfigError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-MINIMAL = {"model": {"path": "m"}, "data": {"source": "corpus.txt"}, "budget": {"steps": 10}, "output": {"dir": "o"}}
+MINIMAL = {
+    "model": {"path": "m"},
+    "data": {"source": "corpus.txt"},
+    "budget": {"steps": 10},
+    "output": {"dir": "o"},
+}
 
 
 def _with(**sections):
@@ -59,7 +64,9 @@ def test_yaml_quirks_and_budgets():
     # alpha × pretraining tokens / tokens per step (128 × 4 × 2 × processes), rounded up.
     assert cfg.total_steps(1) == 98
     assert cfg.total_steps(2) == 49
-    cfg = config_from_dict(_with(budget={"steps": None, "tokens": 1025}, data={"block_size": 64}, optim={"batch_size": 4}))
+    cfg = config_from_dict(
+        _with(budget={"steps": None, "tokens": 1025}, data={"block_size": 64}, optim={"batch_size": 4})
+    )
     assert cfg.total_steps(1) == 5
 
 

@@ -40,7 +40,12 @@ def world(tmp_path_factory):
 def recipe(world: Path, out: Path, **sections) -> dict:
     data = {
         "model": {"path": str(world / "student")},
-        "data": {"source": str(world / "text"), "block_size": 32, "eval_documents": 2, "cache_dir": str(world / "cache")},
+        "data": {
+            "source": str(world / "text"),
+            "block_size": 32,
+            "eval_documents": 2,
+            "cache_dir": str(world / "cache"),
+        },
         "optim": {"lr": 3e-3, "batch_size": 4, "weight_decay": 0.0},
         "schedule": {"warmup_steps": 2},
         "budget": {"steps": 12},
@@ -93,7 +98,10 @@ def test_uptraining_lowers_held_out_loss_and_saves_a_stock_checkpoint(world, tmp
     results = json.loads((out / "results.json").read_text())
     assert results["eval_after"]["perplexity"] < results["eval_before"]["perplexity"]
     assert list((out / "logs").rglob("events.out.tfevents*")), "TensorBoard events were written"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000028", "step_00000030"]  # keep_last=2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000028",
+        "step_00000030",
+    ]  # keep_last=2
     assert not (out / ".lock").exists()
 
 
@@ -160,7 +168,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_checkpoint(world, tmp_path, mo
         return loss
 
     monkeypatch.setattr(training, "causal_lm_loss", nan_at_step_6)
-    with pytest.raises(GQAError, match=r"loss became nan at step 6;.*last good checkpoint is .*step_00000004"):
+    with pytest.raises(
+        GQAError, match=r"loss became nan at step 6;.*last good checkpoint is .*step_00000004"
+    ):
         run(world, out)
     ckpt = training.latest_checkpoint(out)
     assert ckpt.name == "step_00000004"
@@ -262,11 +272,12 @@ def test_two_processes_match_one_process(world, reference, tmp_path):
     proc = subprocess.run(
         [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(script), str(path)],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     assert_same_weights(r0, r1)  # DDP keeps ranks bit-identical

@@ -64,20 +64,32 @@ def uptrain(
     ] = False,
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", help="Checkpoint to uptrain (model.path).", rich_help_panel=SHORT, show_default=False),
+        typer.Option(
+            "--model",
+            "-m",
+            help="Checkpoint to uptrain (model.path).",
+            rich_help_panel=SHORT,
+            show_default=False,
+        ),
     ] = None,
     output: Annotated[
         str | None,
-        typer.Option("--output", "-o", help="Run folder (output.dir).", rich_help_panel=SHORT, show_default=False),
+        typer.Option(
+            "--output", "-o", help="Run folder (output.dir).", rich_help_panel=SHORT, show_default=False
+        ),
     ] = None,
     steps: Annotated[
         int | None,
         typer.Option(
-            "--steps", help="Optimizer steps (budget.steps; replaces the recipe's budget).", rich_help_panel=SHORT,
+            "--steps",
+            help="Optimizer steps (budget.steps; replaces the recipe's budget).",
+            rich_help_panel=SHORT,
             show_default=False,
         ),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", rich_help_panel=RUN)] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging.", rich_help_panel=RUN)
+    ] = False,
 ) -> None:
     """Uptrain the model a recipe names; print held-out perplexity before and after."""
     setup_logging(verbose)
