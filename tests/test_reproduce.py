@@ -25,8 +25,10 @@ def _load_script():
 def test_smoke_reproduction_fills_every_cell(tmp_path, python_docs):
     rp = _load_script()
     out = tmp_path / "results"
+    # The tutorial (17 real documents) keeps the smoke run to about a minute on 2 cores.
+    docs = python_docs / "tutorial"
     code = rp.main(
-        ["--scale", "smoke", "--out", str(out), "--work", str(tmp_path / "work"), "--data", str(python_docs)]
+        ["--scale", "smoke", "--out", str(out), "--work", str(tmp_path / "work"), "--data", str(docs)]
     )
     assert code == 0
     result = json.loads((out / "results.json").read_text())
