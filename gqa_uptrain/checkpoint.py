@@ -12,6 +12,7 @@ truncation before anything is written.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -185,16 +186,26 @@ class SafetensorsReader:
             return torch.empty(info.shape, dtype=info.dtype)
         f = self._file(info.file)  # type: ignore[arg-type]
         f.seek(info.begin)
-        buf = bytearray(info.nbytes)
-        if f.readinto(buf) != info.nbytes:
+        # torch.empty, not bytearray(n): bytearray zero-fills first, touching every page twice.
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)  # [nbytes]
+        if f.readinto(buf.numpy()) != info.nbytes:
             raise CheckpointError(f"{info.file} is truncated at tensor {info.name!r}; re-download it")
-        return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
+        return buf.view(info.dtype).reshape(info.shape)
 
     def copy_raw(self, info: TensorInfo, out: BinaryIO, chunk: int = 64 << 20) -> None:
-        """Copy the tensor's bytes to ``out`` in chunks, without decoding (pass-through tensors)."""
+        """Copy the tensor's bytes to ``out`` without decoding (pass-through tensors).
+
+        The kernel copies file to file where it can (``copy_file_range``), with no user-space
+        buffer: a fresh 64 MB buffer per tensor had to be faulted in while a multi-GB conversion
+        fills the page cache, and that cost more than the I/O (scripts/bench_convert.py).
+        Elsewhere (another OS, a filesystem that refuses), a chunked copy.
+        """
         f = self._file(info.file)  # type: ignore[arg-type]
-        f.seek(info.begin)
-        left = info.nbytes
+        done = _kernel_copy(f, info.begin, out, info.nbytes)
+        if done == info.nbytes:
+            return
+        f.seek(info.begin + done)
+        left = info.nbytes - done
         buf = bytearray(min(chunk, max(left, 1)))
         view = memoryview(buf)
         while left:
@@ -208,6 +219,36 @@ class SafetensorsReader:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def _kernel_copy(src: BinaryIO, offset: int, out: BinaryIO, count: int) -> int:
+    """Copy ``count`` bytes at ``offset`` of ``src`` to ``out``'s position with ``copy_file_range``.
+
+    Returns the bytes copied: ``count``, or fewer (0 included) where the kernel or the file
+    objects do not support it, for the caller to finish by hand.
+    """
+    copy = getattr(os, "copy_file_range", None)  # Linux only
+    if copy is None or not count:
+        return 0
+    try:
+        out_fd = out.fileno()
+    except (AttributeError, OSError):  # e.g. an in-memory buffer (io.UnsupportedOperation)
+        return 0
+    out.flush()
+    pos = out.tell()
+    done = 0
+    try:
+        while done < count:
+            # Explicit offsets: neither file's position moves behind its Python buffer's back.
+            n = copy(src.fileno(), out_fd, count - done, offset + done, pos + done)
+            if not n:
+                break  # end of file: the caller's read finds the truncation and reports it
+            done += n
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+    out.seek(pos + done)
+    return done
 
 
 class PickleReader:
