@@ -171,3 +171,42 @@ def test_aligned_beats_mean_on_a_trained_model(tmp_path, python_docs):
     assert results["aligned", "contiguous"] < results["mean", "contiguous"]
     assert results["aligned", "similarity"] < results["mean", "similarity"]
     assert base < results["aligned", "contiguous"]
+
+
+def _word_tokenizer(folder, text: str) -> None:
+    """A word-level tokenizer (vocab 128) saved next to a tiny model, so the CLI can tokenize."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "[PAD]", "[EOS]"] + sorted(set(text.split()))[:125]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]").save_pretrained(
+        folder
+    )
+
+
+def test_cli_aligned_with_calibration_and_card(make_model, tmp_path):
+    """--calibration makes aligned the default; the card records method, grouping, data and tokens;
+    aligned without calibration text is a one-line error."""
+    from typer.testing import CliRunner
+
+    from gqa_uptrain.cli.convert import app
+
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(f"w{int(i)}" for i in torch.randint(0, 120, (3000,), generator=g))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "a.txt").write_text(text)
+    src, _ = make_model("llama")
+    _word_tokenizer(src, text)
+    runner = CliRunner()
+    args = [str(src), str(tmp_path / "out"), "-g", "2", "--calibration", str(calib), "--calibration-tokens", "256"]
+    res = runner.invoke(app, [*args, "--grouping", "similarity", "--quiet"])
+    assert res.exit_code == 0, res.output
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "`aligned`" in card and "`similarity`" in card
+    assert str(calib) in card and "256 tokens" in card
+    bad = runner.invoke(app, [str(src), str(tmp_path / "bad"), "-g", "2", "--method", "aligned"])
+    assert bad.exit_code != 0 and "--calibration" in bad.output
+    assert not (tmp_path / "bad").exists()
