@@ -16,10 +16,10 @@ How it measures:
    64 MB pool of random values, so building it never holds the model in memory. ``--layers``
    sets how many decoder layers it has (32, the real model, by default: 13.5 GB).
 2. Each route runs in its own child process: ``copy`` (every file copied with
-   ``shutil.copyfile``, i.e. kernel ``sendfile``), ``converter`` (the ``gqa-convert`` command to
-   8 K/V heads, mean pooling) and ``naive`` (transformers). Wall time runs from the child's start
-   until every output file is flushed to disk with ``fsync``, so page cache cannot hide writes.
-   Peak RSS is the child's ``ru_maxrss`` from ``wait4``.
+   ``shutil.copyfile``, i.e. kernel ``sendfile``), ``converter`` (``gqa_uptrain.convert`` to
+   8 K/V heads with mean pooling, what ``gqa-convert`` runs) and ``naive`` (transformers). Wall
+   time runs from the child's start until every output file is flushed to disk with ``fsync``,
+   so page cache cannot hide writes. Peak RSS is the child's ``ru_maxrss`` from ``wait4``.
 3. Page cache: the source files are flushed and evicted (``posix_fadvise(DONTNEED)``) before
    every route, so every route reads a cold checkpoint from disk; outputs are evicted after.
 4. The converter's output is checked: K/V projections of the first and last layer must equal the
@@ -253,14 +253,9 @@ class Run:
 
 
 def route_command(route: str, src: Path, dst: Path, args: argparse.Namespace, report: Path) -> list[str]:
-    me = [sys.executable, str(Path(__file__).resolve())]
-    if route == "converter":
-        # The command users run, as they run it (no progress bar: the parent draws one).
-        return [sys.executable, "-m", "gqa_uptrain.cli.convert", str(src), str(dst), "--num-kv-heads",
-                str(args.num_kv_heads), "--max-shard-size", args.max_shard_size, "--quiet"]  # fmt: skip
-    return me + ["--worker", route, "--worker-src", str(src), "--worker-dst", str(dst),
-                 "--num-kv-heads", str(args.num_kv_heads), "--max-shard-size", args.max_shard_size,
-                 "--worker-report", str(report)]  # fmt: skip
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", route, "--worker-src", str(src),
+            "--worker-dst", str(dst), "--num-kv-heads", str(args.num_kv_heads),
+            "--max-shard-size", args.max_shard_size, "--worker-report", str(report)]  # fmt: skip
 
 
 def measure(
@@ -321,8 +316,15 @@ def src_bytes_of(folder: Path) -> int:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Child-process side of the ``copy`` and ``naive`` routes."""
+    """Child-process side of a route."""
     src, dst = Path(args.worker_src), Path(args.worker_dst)
+    if args.worker == "converter":
+        # What `gqa-convert SRC DST -g G --max-shard-size S --quiet` runs, through the library so the
+        # package next to this script is the one measured.
+        from gqa_uptrain import convert
+
+        convert(src, dst, args.num_kv_heads, "mean", max_shard_size=args.max_shard_size, progress=False)
+        return
     if args.worker == "copy":
         dst.mkdir()
         for p in sorted(src.iterdir()):
@@ -496,7 +498,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     p.add_argument("--check", action="store_true", help="exit with status 1 if a target fails")
     # Child-process side of a route (internal).
-    p.add_argument("--worker", choices=("copy", "naive"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("copy", "converter", "naive"), help=argparse.SUPPRESS)
     p.add_argument("--worker-src", help=argparse.SUPPRESS)
     p.add_argument("--worker-dst", help=argparse.SUPPRESS)
     p.add_argument("--worker-report", help=argparse.SUPPRESS)
@@ -592,6 +594,9 @@ def main() -> None:
     if args.naive_layers > layers:
         args.naive_layers = layers
     work = Path(tempfile.mkdtemp(prefix="bench_convert-", dir=parent))
+    print(
+        f"load average {os.getloadavg()[0]:.1f} (other processes compete for the {os.cpu_count()} CPUs and the disk)"
+    )
     print(f"working folder {work} ({shutil.disk_usage(work).free / 1e9:.0f} GB free); "
           f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM", flush=True)  # fmt: skip
     try:
@@ -612,6 +617,7 @@ def main() -> None:
             runs += small
             runs.append(extrapolate(small[-1], runs[0].src_bytes, layers))
         ok = print_report(runs, args, layers)
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
         if args.json:
             args.json.write_text(
                 json.dumps([asdict(r) | {"mb_per_s": r.mb_per_s} for r in runs], indent=2) + "\n"

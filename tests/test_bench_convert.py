@@ -1,0 +1,73 @@
+"""Smoke run of scripts/bench_convert.py at tiny sizes: it measures all three routes and reports them.
+
+The figures themselves are not asserted (timings of a few-MB checkpoint say nothing about the
+targets); what is asserted is what a user reads them for: every route was run and measured, the
+table and the target verdicts are printed, the peak RSS is the route's own (a plain copy does not
+inherit the benchmark's torch-sized memory), and the working folder is cleaned up.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_convert.py"
+
+
+@pytest.mark.slow  # three child processes, two of which import torch
+def test_bench_convert_tiny_prints_figures(tmp_path):
+    work = tmp_path / "work"
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--shape",
+            "tiny",
+            "--layers",
+            "2",
+            "--workdir",
+            str(work),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    for needle in ("copy", "converter", "naive", "MB/s", "peak RSS", "vs copy"):
+        assert needle in text
+    assert "target: converter throughput >= 0.8x copy:" in text
+    assert "target: converter peak RSS < 1.5 GB:" in text
+    assert text.count("PASS") + text.count("FAIL") == 2
+
+    runs = {r["route"]: r for r in json.loads(out.read_text())}
+    assert set(runs) == {"copy", "converter", "naive"}
+    for r in runs.values():
+        assert r["layers"] == 2 and r["seconds"] > 0 and r["peak_rss"] > 0 and not r["estimated"]
+        assert r["src_bytes"] == runs["copy"]["src_bytes"] > 0
+    # The copy writes what it reads; a 32 -> 8 K/V-head conversion writes less.
+    assert runs["copy"]["out_bytes"] >= runs["copy"]["src_bytes"]
+    assert 0 < runs["converter"]["out_bytes"] < runs["copy"]["out_bytes"]
+    assert runs["naive"]["out_bytes"] > 0
+    # Each route's own memory: a copy needs a few MB, the converter imports torch.
+    assert runs["copy"]["peak_rss"] < 100e6 < runs["converter"]["peak_rss"]
+    assert list(work.iterdir()) == []  # the working folder was removed
+
+
+def test_bench_convert_refuses_layers_that_do_not_fit(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--layers", "100000", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "need" in proc.stderr and "--layers" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
