@@ -18,7 +18,6 @@ Calibration text comes from local text files (a file or a folder, read in sorted
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -201,11 +200,14 @@ def _load_params(
     names: list[str],
     resolve: _NameResolver,
     read: Callable[[TensorInfo], torch.Tensor],
+    strict: bool = True,
 ) -> None:
     from accelerate.utils import set_module_tensor_to_device
 
     for name in names:
         info = resolve(name)
+        if info is None and not strict:
+            continue  # e.g. a task head's bias: stays on meta, never runs before layer 0
         if info is None:
             # e.g. Mixtral in transformers 5 fuses expert weights at load time under new names
             raise NotCalibratable(f"the checkpoint has no tensor named like the model's {name}")
@@ -273,7 +275,7 @@ def collect_moments(
     head_params = {id(p) for p in head.parameters()} if head is not None else set()
     named = dict(model.named_parameters())
     before = [n for n in outer if id(named[n]) not in head_params]
-    _load_params(model, before, resolve, read)
+    _load_params(model, before, resolve, read, strict=False)
 
     # Catch the inputs of layer 0 (hidden states and whatever the model passes: masks, rotary).
     caught: list[tuple[tuple, dict]] = []
@@ -286,8 +288,12 @@ def collect_moments(
     try:
         with torch.no_grad():
             for batch in tokens.split(batch_size):
-                with contextlib.suppress(_Stop):
+                try:
                     model(input_ids=batch, use_cache=False)
+                except _Stop:
+                    pass
+                except (RuntimeError, NotImplementedError) as e:  # a parameter left on meta was needed
+                    raise NotCalibratable(f"the model's embeddings could not run ({e})") from e
     finally:
         hook.remove()
     if len(caught) != len(tokens.split(batch_size)):

@@ -101,6 +101,24 @@ def smollm2(args) -> None:
     print(_table(rows, rows[0][1], rows[1][1]))
 
 
+def _train(model, train: torch.Tensor, steps: int, seed: int) -> None:
+    """The pretraining recipe (AdamW, lr 2e-3, 16 x 256 tokens), reused unchanged for uptraining;
+    ``seed`` fixes the data order so every uptraining run sees the same batches."""
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for step in range(steps):
+        starts = torch.randint(0, train.numel() - 257, (16,), generator=gen)
+        batch = torch.stack([train[s : s + 256] for s in starts])
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 100 == 0:
+            print(f"step {step} loss {loss.item():.3f}", flush=True)
+    model.eval()
+
+
 def tiny_llama(args) -> None:
     from transformers import LlamaConfig
 
@@ -123,19 +141,10 @@ def tiny_llama(args) -> None:
         tie_word_embeddings=False,
     )
     model = AutoModelForCausalLM.from_config(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for step in range(args.steps):
-        starts = torch.randint(0, train.numel() - 257, (16,))
-        batch = torch.stack([train[s : s + 256] for s in starts])
-        loss = model(batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if step % 100 == 0:
-            print(f"step {step} loss {loss.item():.3f}", flush=True)
+    _train(model, train, args.steps, seed=0)
     calib = train[-64 * 256 :].view(64, 256)  # 16k tokens, disjoint from the held-out tutorial text
     with tempfile.TemporaryDirectory() as tmp:
-        model.eval().save_pretrained(Path(tmp) / "src")
+        model.save_pretrained(Path(tmp) / "src")
         rows = [("original", _ce(model, held), 0.0)]
         for name, grouping in VARIANTS:
             t0 = time.perf_counter()
@@ -145,11 +154,20 @@ def tiny_llama(args) -> None:
             rows.append(
                 (f"{name}, {grouping}", _ce(AutoModelForCausalLM.from_pretrained(out).eval(), held), secs)
             )
+        # Uptraining: alpha = 1% and 5% of the pretraining steps, same recipe, same batches for all.
+        up = []
+        for name in ("mean", "aligned"):
+            for alpha in (0.01, 0.05):
+                m = AutoModelForCausalLM.from_pretrained(Path(tmp) / f"{name}-contiguous")
+                _train(m, train, max(1, round(alpha * args.steps)), seed=1)
+                up.append((f"{name}, contiguous, uptrained alpha={100 * alpha:.0f}%", _ce(m, held), 0.0))
     print(
         f"\nTiny Llama MHA (8 heads, 4 layers, hidden 128, {args.steps} steps, char-level) 8 -> 2 K/V heads;"
     )
     print("held-out: tutorial/*.rst.txt (32 x 256 chars); calibration: 16,384 chars of library/ docs\n")
     print(_table(rows, rows[0][1], rows[1][1]))
+    print("\nUptrained (same recipe and batches as pretraining; removed: vs mean before uptraining):\n")
+    print(_table([rows[0], *up], rows[0][1], rows[1][1]))
 
 
 def main() -> None:

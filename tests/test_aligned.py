@@ -210,3 +210,30 @@ def test_cli_aligned_with_calibration_and_card(make_model, tmp_path):
     bad = runner.invoke(app, [str(src), str(tmp_path / "bad"), "-g", "2", "--method", "aligned"])
     assert bad.exit_code != 0 and "--calibration" in bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_every_custom_family_converts_with_aligned(tmp_path):
+    """GPT-2, GPT-NeoX, OPT, BERT calibrate layer by layer; T5 (encoder-decoder) falls back to a
+    weights-only fit. With each group's heads tied, the converted model reproduces the original."""
+    import transformers
+    from test_modeling import FAMILY_NAMES, FAMILY_SPECS, VOCAB, inputs, output, tie_kv_heads
+
+    from gqa_uptrain.modeling import register_auto_classes
+
+    register_auto_classes()
+    calib = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    fallbacks = {}
+    for name in FAMILY_NAMES:
+        fam = FAMILY_SPECS[name]
+        torch.manual_seed(0)
+        model = fam.stock_cls()(fam.stock_config_obj()).eval()
+        tie_kv_heads(model, name, 2)
+        model.save_pretrained(tmp_path / name)
+        method = _aligned(calib)
+        result = convert(tmp_path / name, tmp_path / f"{name}-gqa", 2, method, progress=False)
+        assert result.method == "aligned"
+        fallbacks[name] = method.fallback is not None
+        batch = inputs(fam)
+        converted = getattr(transformers, fam.auto_class).from_pretrained(tmp_path / f"{name}-gqa").eval()
+        torch.testing.assert_close(output(converted, batch), output(model, batch), atol=2e-4, rtol=2e-4)
+    assert fallbacks == {n: n == "t5" for n in FAMILY_NAMES}
