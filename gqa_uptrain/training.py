@@ -25,6 +25,7 @@ Run folder (``output.dir``)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -107,10 +108,12 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, per_sequence: 
     Computed in float32 whatever the autocast dtype, as HF models do.
     """
     B, T, V = logits.shape
-    nll = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, V), input_ids[:, 1:].reshape(-1), reduction="none"
-    ).view(B, T - 1)
-    return nll.mean(dim=1) if per_sequence else nll.mean()
+    # Shift the labels, not the logits: slicing logits[:, :-1] would copy the largest tensor of the
+    # step ([B, T, V]); the last position gets the ignore label and contributes 0.
+    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # [B, T]
+    nll = F.cross_entropy(logits.float().view(B * T, V), labels.reshape(-1), reduction="none").view(B, T)
+    per_seq = nll.sum(dim=1) / (T - 1)  # [B]
+    return per_seq if per_sequence else per_seq.mean()
 
 
 def kl_to_teacher(
@@ -496,10 +499,10 @@ def _run(
     tokenizer = AutoTokenizer.from_pretrained(
         cfg.model.path, revision=cfg.model.revision, trust_remote_code=trust
     )
-    if cfg.data.cache_dir is None:
-        cfg.data.cache_dir = str(out / "cache")
+    # Tokenized blocks live in the run folder by default, so --resume (and --overwrite) reuse them.
+    data_cfg = cfg.data if cfg.data.cache_dir else dataclasses.replace(cfg.data, cache_dir=str(out / "cache"))
     with accelerator.main_process_first():
-        data: PackedData = prepare_data(cfg.data, tokenizer, max_eval_blocks=cfg.eval.max_blocks)
+        data: PackedData = prepare_data(data_cfg, tokenizer, max_eval_blocks=cfg.eval.max_blocks)
 
     # ---- model (float32 master weights; autocast gives bf16 compute on GPU)
     model = _load_model(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code, torch.float32,
@@ -722,7 +725,7 @@ def _run(
                     last_eval["loss"],
                     last_eval["perplexity"],
                 )
-            if flags[2] > 0:
+            if flags[2] > 0 and step < total_steps:  # at the last step, just finish normally
                 last_ckpt = checkpoint()
                 interrupted = True
                 break

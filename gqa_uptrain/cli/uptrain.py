@@ -118,8 +118,11 @@ def uptrain(
     from ..training import uptrain as run_uptrain
 
     result = run_command(lambda: run_uptrain(cfg))
-    # Under torchrun / accelerate launch only rank 0 writes the final model and prints the summary.
-    if result.model_dir is None and not result.interrupted:
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under torchrun / accelerate launch, rank 0 reports
+        if result.interrupted:
+            raise typer.Exit(130)
         return
     if result.interrupted:
         console.print(
