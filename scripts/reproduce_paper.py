@@ -302,6 +302,10 @@ def _lookup(rows: list[Row], method: str, kv_heads: int, alpha: float) -> Row | 
     return None
 
 
+def _triple(c: dict[str, Any]) -> str:
+    return f"{c['kv_heads']} K/V {c['mean']:.2f} / {c['first']:.2f} / {c['random']:.2f}"
+
+
 def check_claims(rows: list[Row], heads: int, within: float = 0.05) -> list[dict[str, Any]]:
     """The paper's three claims, each checked against the measured perplexities (never assumed)."""
     base = _lookup(rows, "original", heads, 0.0)
@@ -309,7 +313,8 @@ def check_claims(rows: list[Row], heads: int, within: float = 0.05) -> list[dict
     groups = [g for g in kv_heads_list(heads) if g < heads]
     claims: list[dict[str, Any]] = []
 
-    # 1. Figure 4: mean < first < random, at every (K/V heads, alpha).
+    # 1. Figure 4: mean < first < random. The paper compares the methods after uptraining with
+    # alpha = 5% (T5-Large to MQA); that is the claim checked, every other cell is reported too.
     cells = []
     for g in groups:
         for a in ALPHAS:
@@ -317,11 +322,16 @@ def check_claims(rows: list[Row], heads: int, within: float = 0.05) -> list[dict
             if m and f and r:
                 cells.append({"kv_heads": g, "alpha": a, "mean": m.perplexity, "first": f.perplexity,
                               "random": r.perplexity, "holds": m.perplexity < f.perplexity < r.perplexity})  # fmt: skip
-    held = sum(c["holds"] for c in cells)
+    at5 = [c for c in cells if math.isclose(c["alpha"], 0.05)]
+    rest = [c for c in cells if not math.isclose(c["alpha"], 0.05)]
+    fails0 = [c["kv_heads"] for c in cells if c["alpha"] == 0 and not c["holds"]]
     claims.append({
-        "claim": "mean < first < random in perplexity (paper Figure 4)",
-        "holds": held == len(cells),
-        "summary": f"holds in {held} of {len(cells)} (K/V heads, alpha) cells",
+        "claim": "mean < first < random in perplexity after uptraining with alpha = 5% (paper Figure 4)",
+        "holds": bool(at5) and all(c["holds"] for c in at5),
+        "summary": f"at alpha = 5% it holds for {sum(c['holds'] for c in at5)} of {len(at5)} K/V-head counts "
+        f"(mean / first / random: {'; '.join(_triple(c) for c in at5)}); "
+        f"at the other alphas in {sum(c['holds'] for c in rest)} of {len(rest)} cells"
+        + (f"; right after conversion (alpha = 0) it fails for {', '.join(map(str, fails0))} K/V heads" if fails0 else ""),
         "cells": cells,
         "mean_beats_random_everywhere": all(c["mean"] < c["random"] for c in cells),
         "mean_beats_first_everywhere": all(c["mean"] < c["first"] for c in cells),
@@ -349,7 +359,7 @@ def check_claims(rows: list[Row], heads: int, within: float = 0.05) -> list[dict
                 )
     holds2 = bool(gaps) and all(x["gqa_gap"] <= x["mqa_gap"] for x in gaps)
     claims.append({
-        "claim": f"GQA ({gqa_g} K/V heads) is closer to MHA than MQA at every alpha, and needs uptraining less",
+        "claim": f"GQA ({gqa_g} K/V heads) has lower perplexity than MQA at every alpha: better right after conversion, and stays ahead while both recover",
         "holds": holds2,
         "summary": "; ".join(f"alpha {_pct(x['alpha'])}: GQA {x['gqa_gap']:+.1%} vs MQA {x['mqa_gap']:+.1%}" for x in gaps),
         "gaps": gaps,
@@ -437,7 +447,7 @@ def markdown(result: dict[str, Any]) -> str:
     for c in result["claims"]:
         lines.append(f"- **{'Holds' if c['holds'] else 'Does not hold'}**: {c['claim']}. {c['summary']}.")
     lines += ["", "### Where the results disagree with the paper, and why", ""]
-    lines += result["discussion"] or ["All three claims hold in this run."]
+    lines += result["discussion"]
     lines += [
         "",
         "## Charts",
@@ -460,40 +470,54 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def discussion(result: dict[str, Any]) -> list[str]:
-    """Data-driven notes for each claim that does not hold (what the numbers show, and the likely cause)."""
+    """Notes on every claim that does not hold, and on reversals worth knowing, from the numbers.
+
+    Each note states what the measurements show; the cause given is the likely one and says so.
+    """
     heads = result["scale"]["heads"]
+    n = result["scale"]["pretrain_steps"]
     rows = [Row(**r) for r in result["rows"]]
-    base = _lookup(rows, "original", heads, 0.0)
     notes: list[str] = []
     for c in result["claims"]:
-        if c["holds"]:
-            continue
         if c["claim"].startswith("mean < first < random"):
-            bad = [x for x in c["cells"] if not x["holds"]]
-            desc = ", ".join(
-                f"{x['kv_heads']} K/V heads at alpha {_pct(x['alpha'])} (mean {x['mean']:.2f}, first {x['first']:.2f}, random {x['random']:.2f})"
-                for x in bad[:6]
+            at0_first = [x for x in c["cells"] if x["alpha"] == 0 and x["first"] < x["mean"]]
+            bad5 = [x for x in c["cells"] if math.isclose(x["alpha"], 0.05) and not x["holds"]]
+            if bad5:
+                notes.append(
+                    f"- Method ordering at alpha = 5% fails for {', '.join(_triple(x) for x in bad5)} (mean / first / random)."
+                    + (" Mean pooling still beats random initialisation everywhere." if c["mean_beats_random_everywhere"] else "")
+                )  # fmt: skip
+            if at0_first:
+                notes.append(
+                    "- Right after conversion (alpha = 0), keeping the first head beats mean pooling for "
+                    + ", ".join(_triple(x) for x in at0_first)
+                    + ". Likely cause: the heads of this small model were trained from scratch for only "
+                    f"{n} steps and are far from alike, so their average fits none of the query heads of the group, "
+                    "while the first head is still exact for one of them. Mean pooling keeps what the whole group "
+                    "knew, and uptraining recovers it faster: compare the alpha > 0 columns. The paper reports the "
+                    "methods after uptraining, not at alpha = 0."
+                )  # fmt: skip
+        elif c["claim"].startswith("GQA") and not c["holds"]:
+            worse = [x for x in c["gaps"] if x["gqa_gap"] > x["mqa_gap"]]
+            notes.append(
+                "- GQA does not have lower perplexity than MQA at alpha = "
+                + ", ".join(_pct(x["alpha"]) for x in worse)
+                + f" ({c['summary']}). Differences this small are within the run-to-run noise of short uptraining "
+                "(one seed)."
             )
+        elif c["claim"].startswith("at alpha = 5%") and not c["holds"]:
+            ctrl = _lookup(rows, "original", heads, 0.05)
             notes.append(
-                f"- Method ordering fails in {len(bad)} cell(s): {desc}. "
-                + ("Mean pooling beats random initialisation everywhere; " if c["mean_beats_random_everywhere"] else "")
-                + ("where mean and first swap, the two are close: in a small model trained briefly, the heads of a "
-                   "group are less alike than in a large pretrained one, so their average is not a better "
-                   "representative than one of them, and after uptraining both start from usable weights."
-                   if not c["mean_beats_first_everywhere"] else "")
-            )  # fmt: skip
-        elif c["claim"].startswith("GQA"):
-            notes.append(
-                f"- GQA vs MQA: {c['summary']}. With few heads per layer the model has little redundancy to pool away; "
-                "differences of a fraction of a percent are within the run-to-run noise of such short uptraining."
+                f"- Headline: {c['summary']}. 5% of N is {alpha_steps(0.05, n)} steps here; 5% of the paper's "
+                "T5 pretraining is orders of magnitude more updates, and the uptraining learning rate continues "
+                "the end of a decayed schedule (10% of the peak), so the converted heads move slowly. "
+                f"The gap keeps closing with alpha (see Figure 5); the MHA control trained the same steps "
+                f"reaches {ctrl.perplexity:.3f}, so the remaining gap is the conversion's, not a lack of training."
+                if ctrl
+                else f"- Headline: {c['summary']}."
             )
-        elif c["claim"].startswith("at alpha = 5%"):
-            notes.append(
-                f"- Headline: {c['summary']}. The paper's model (T5-XXL) had 64 heads per layer and was uptrained on "
-                f"~5% of 1M steps; here 5% of N is {alpha_steps(0.05, result['scale']['pretrain_steps'])} steps on a "
-                f"{result['model']['parameters'] / 1e6:.1f}M-parameter model whose K/V projections are a larger share "
-                f"of its parameters, so the gap closes more slowly (original MHA: {base.perplexity:.3f})."
-            )  # fmt: skip
+    if not notes:
+        notes.append("All three claims hold in this run.")
     return notes
 
 
@@ -812,6 +836,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu or cuda.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: torch's choice].")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing --out folder.")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="Rebuild results.md, the claims and the charts from the results.json of a finished run (no training).",
+    )
     args = p.parse_args(argv)
     args.command = "python scripts/reproduce_paper.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
@@ -829,7 +859,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--steps must be at least 10")
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = run(args)
+        if args.from_json:
+            result = json.loads(args.from_json.read_text(encoding="utf-8"))
+            result["claims"] = check_claims([Row(**r) for r in result["rows"]], result["scale"]["heads"])
+            result["discussion"] = discussion(result)
+        else:
+            result = run(args)
         write_results(result, args.out, args.overwrite)
     except GQAError as e:
         print(f"error: {e}", file=sys.stderr)
