@@ -205,13 +205,20 @@ def _train_to_repeat(model, ids: torch.Tensor, steps: int = 250, block: int = 64
     torch.manual_seed(0)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        starts = torch.randint(0, len(ids) - block, (16,))
-        x = torch.stack([ids[s : s + block] for s in starts])  # (16, block)
-        loss = model(x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    # One thread: tiny matmuls gain nothing from two, and on a busy CI machine two spinning threads
+    # make these few hundred steps many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - block, (16,))
+            x = torch.stack([ids[s : s + block] for s in starts])  # (16, block)
+            loss = model(x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
 
 
