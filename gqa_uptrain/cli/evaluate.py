@@ -128,7 +128,10 @@ def evaluate(
     ] = None,
     stride: Annotated[
         int | None,
-        typer.Option(help="Tokens between window starts, below --max-length [default: half the window].", rich_help_panel=_PPL),
+        typer.Option(
+            help="Tokens between window starts, below --max-length [default: half the window].",
+            rich_help_panel=_PPL,
+        ),
     ] = None,
     ppl_batch_size: Annotated[
         int, typer.Option(help="Perplexity windows per forward pass.", rich_help_panel=_PPL)
