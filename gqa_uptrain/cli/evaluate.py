@@ -122,14 +122,14 @@ def evaluate(
     max_length: Annotated[
         int | None,
         typer.Option(
-            help="Perplexity window in tokens [default: the model's maximum, at most 1024].",
+            help="Perplexity window in tokens (default: the model's maximum, at most 1024).",
             rich_help_panel=_PPL,
         ),
     ] = None,
     stride: Annotated[
         int | None,
         typer.Option(
-            help="Tokens between window starts, below --max-length [default: half the window].",
+            help="Tokens between window starts, below --max-length (default: half the window).",
             rich_help_panel=_PPL,
         ),
     ] = None,
