@@ -65,6 +65,8 @@ def _ratio(key: str, m: ModelEval, b: ModelEval) -> str:
             return f"{sm.decode_tokens_per_s / sb.decode_tokens_per_s:.2f}x"
         if key == f"first token @ {k}":
             return f"{sm.time_to_first_token_s / sb.time_to_first_token_s:.2f}x"
+        if key == f"peak memory @ {k}" and sb.peak_memory_bytes > 0:
+            return f"{sm.peak_memory_bytes / sb.peak_memory_bytes:.2f}x"
     for cm, cb in zip(m.kv_checks, b.kv_checks, strict=False):
         if key == f"KV cache @ ctx {cm.context} x batch {cm.batch}":
             return f"{cm.computed_bytes / cb.computed_bytes:.3f}x"
