@@ -78,7 +78,8 @@ def convert(
             "in gqa-uptrain. Needed by --method aligned and --grouping similarity. Cost: about one "
             "forward pass of the original model over the calibration tokens plus a small fit per layer; "
             "memory: one decoder layer plus the activations of the calibration tokens "
-            "(tokens × hidden size × 4 bytes), whatever the model size.",
+            "(tokens × hidden size × 4 bytes), whatever the model size. Example: SmolLM2-135M with "
+            "16k tokens takes about 3 minutes on 2 CPU cores.",
             rich_help_panel=CAL,
             show_default=False,
         ),
