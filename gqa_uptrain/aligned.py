@@ -487,6 +487,8 @@ def build_method(
         return CalibratedMerge(method, calibration, grouping, progress=progress)
     if grouping not in GROUPINGS:
         raise ConfigError(f"unknown --grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
+    if calibration is not None:
+        logger.warning("--calibration is not used by --method %s with contiguous groups", method)
     return get_method(method)
 
 

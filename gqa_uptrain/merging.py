@@ -11,6 +11,9 @@ The paper's methods (Ainslie et al. 2023, Figure 4: mean > first > random):
 - ``random``: new K/V heads are drawn at random (normal, with the standard deviation of the
   tensor they replace; biases start at zero; norm weights are averaged, since a random norm scale
   is not an initialisation anyone uses).
+
+Beyond the paper, ``aligned`` (``aligned.py``) fits each group's shared head on calibration
+activations and folds each member's map into Q and O; it needs calibration text.
 """
 
 from __future__ import annotations
