@@ -12,7 +12,7 @@
 Mean pooling alone damages this model badly: its three K/V heads were never trained to agree, so
 their average is not a head any query was trained to read. The table says so with the numbers.
 
-Usage: ``.venv/bin/python scripts/demo.py [--workdir demo_out] [--steps 40] [--skip-uptrain]``
+Usage: ``.venv/bin/python scripts/demo.py [--workdir demo_out] [--steps 20] [--skip-uptrain]``
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "demo_out", help="where checkpoints are written")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for perplexity")
     parser.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens for aligned")
-    parser.add_argument("--steps", type=int, default=40, help="uptraining steps (batch 4 x 128 tokens)")
+    parser.add_argument("--steps", type=int, default=20, help="uptraining steps (batch 4 x 128 tokens)")
     parser.add_argument("--skip-uptrain", action="store_true", help="convert and evaluate only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
