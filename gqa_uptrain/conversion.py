@@ -231,7 +231,6 @@ def convert(
     seed: int = 0,
     command: str | None = None,
     progress: bool = True,
-    before_write: Callable[[Source], None] | None = None,
 ) -> ConversionResult:
     """Convert the checkpoint at ``source`` to ``num_kv_heads`` K/V heads and write it to ``output``.
 
@@ -250,8 +249,6 @@ def convert(
         seed: seed for ``random``.
         command: the command line, recorded in the model card.
         progress: show a progress bar.
-        before_write: called with the opened source once it is validated (used by methods
-            that need calibration data before streaming).
 
     Returns:
         A :class:`ConversionResult` with head counts, parameter counts and KV-cache sizes.
@@ -288,8 +285,6 @@ def convert(
         prepare = getattr(merge, "prepare", None)
         if prepare is not None:  # methods that calibrate on the source model before streaming
             prepare(src, num_kv_heads)
-        if before_write is not None:
-            before_write(src)
 
         out_config = arch.output_config(config, num_kv_heads)
         dtype_name = dtype or _dtype_name(config, infos)
