@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +126,9 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
             begin, end = meta["data_offsets"]
             shape = tuple(int(s) for s in meta["shape"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a corrupt header entry; re-download it") from None
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has a corrupt header entry; re-download it"
+            ) from None
         info = TensorInfo(name, shape, dtype, path, data_start + begin, data_start + end)
         if end < begin or info.end - info.begin != info.nbytes:
             raise CheckpointError(f"{path}: tensor {name!r} has inconsistent offsets; the file is corrupt")
@@ -168,29 +171,46 @@ class SafetensorsReader:
             raise CheckpointError(
                 f"tensor {absent[0]!r} is listed in the index but in no shard; the checkpoint is incomplete"
             )
+        # Shards stay open until close(): the converter reads K/V in a worker thread while the main
+        # thread copies other tensors, so a file must not be closed under another thread's read.
+        # Reads are positional (pread), so threads never share a file position.
         self._files: dict[Path, BinaryIO] = {}
+        self._lock = threading.Lock()
 
     def infos(self) -> list[TensorInfo]:
         return list(self._infos)
 
     def _file(self, path: Path) -> BinaryIO:
-        # One shard open at a time, as mergekit does: close the previous when moving on.
-        if path not in self._files:
-            self.close()
-            self._files[path] = open(path, "rb")  # noqa: SIM115 - closed in close()
-        return self._files[path]
+        with self._lock:
+            if path not in self._files:
+                self._files[path] = open(path, "rb")  # noqa: SIM115 - closed in close()
+            return self._files[path]
 
     def read(self, info: TensorInfo) -> torch.Tensor:
-        """Read one tensor into fresh memory (never a mmap view)."""
+        """Read one tensor into fresh memory (never a mmap view). Safe to call from several threads."""
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         f = self._file(info.file)  # type: ignore[arg-type]
-        f.seek(info.begin)
         # torch.empty, not bytearray(n): bytearray zero-fills first, touching every page twice.
         buf = torch.empty(info.nbytes, dtype=torch.uint8)  # [nbytes]
-        if f.readinto(buf.numpy()) != info.nbytes:
+        if self._pread_into(f, memoryview(buf.numpy()), info.begin) != info.nbytes:
             raise CheckpointError(f"{info.file} is truncated at tensor {info.name!r}; re-download it")
         return buf.view(info.dtype).reshape(info.shape)
+
+    def _pread_into(self, f: BinaryIO, view: memoryview, offset: int) -> int:
+        """Fill ``view`` from ``offset`` of ``f``; returns the bytes read (fewer at end of file)."""
+        preadv = getattr(os, "preadv", None)
+        if preadv is None:  # no positional reads here: serialise seek + read instead
+            with self._lock:
+                f.seek(offset)
+                return f.readinto(view) or 0
+        done = 0
+        while done < len(view):  # Linux returns at most ~2 GiB per call
+            n = preadv(f.fileno(), [view[done:]], offset + done)
+            if not n:
+                break
+            done += n
+        return done
 
     def copy_raw(self, info: TensorInfo, out: BinaryIO, chunk: int = 64 << 20) -> None:
         """Copy the tensor's bytes to ``out`` without decoding (pass-through tensors).
@@ -202,14 +222,11 @@ class SafetensorsReader:
         """
         f = self._file(info.file)  # type: ignore[arg-type]
         done = _kernel_copy(f, info.begin, out, info.nbytes)
-        if done == info.nbytes:
-            return
-        f.seek(info.begin + done)
         left = info.nbytes - done
         buf = bytearray(min(chunk, max(left, 1)))
         view = memoryview(buf)
         while left:
-            n = f.readinto(view[: min(left, len(buf))])
+            n = self._pread_into(f, view[: min(left, len(buf))], info.begin + info.nbytes - left)
             if not n:
                 raise CheckpointError(f"{info.file} is truncated at tensor {info.name!r}; re-download it")
             out.write(view[:n])
@@ -287,7 +304,9 @@ class PickleReader:
         try:
             sd = torch.load(self.folder / fname, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises many types for a bad pickle
-            raise CheckpointError(f"{self.folder / fname} could not be loaded safely: {e}".splitlines()[0]) from None
+            raise CheckpointError(
+                f"{self.folder / fname} could not be loaded safely: {e}".splitlines()[0]
+            ) from None
         self._cache = (fname, sd)
         return sd
 

@@ -13,12 +13,15 @@ The flow (every step bounded by one attention module's tensors in memory):
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import logging
 import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from .architectures import Architecture, AttentionModule, get_architecture
 from .architectures.base import AttentionDims
 from .checkpoint import TOKENIZER_FILES, Source, TensorInfo, dtype_itemsize, iter_tensor_groups, open_source
 from .errors import CheckpointError, ConfigError
-from .merging import MergeContext, MergeMethod, get_method
+from .merging import MergeContext, MergeMethod
 from .outputs import atomic_output_dir, check_output_dir
 from .writer import PlannedTensor, ShardedWriter, parse_size
 
@@ -119,7 +122,12 @@ def _group_units(arch: Architecture, infos: list[TensorInfo]) -> list[_Unit]:
             _, _, suffix, head = hits[info.name]  # type: ignore[misc]
             slots.setdefault(suffix, []).append((head or 0, info))
         units.append(
-            _Unit(group, first[0], key, [_Slot(s, [i for _, i in sorted(v, key=lambda x: x[0])]) for s, v in slots.items()])
+            _Unit(
+                group,
+                first[0],
+                key,
+                [_Slot(s, [i for _, i in sorted(v, key=lambda x: x[0])]) for s, v in slots.items()],
+            )
         )
     return units
 
@@ -161,7 +169,9 @@ def _out_dtype(dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
     return target if (target is not None and dtype.is_floating_point) else dtype
 
 
-def _plan_unit(unit: _Unit, config: dict[str, Any], g: int, target: torch.dtype | None) -> list[PlannedTensor]:
+def _plan_unit(
+    unit: _Unit, config: dict[str, Any], g: int, target: torch.dtype | None
+) -> list[PlannedTensor]:
     """The output tensors of one unit, in the order they will be written."""
     if unit.module is None:
         return [PlannedTensor(i.name, i.shape, _out_dtype(i.dtype, target)) for i in unit.infos]
@@ -174,7 +184,8 @@ def _plan_unit(unit: _Unit, config: dict[str, Any], g: int, target: torch.dtype 
         if slot.per_head:
             n = p.axis_size(dims, n_kv) // dims.head_dim
             plan += [
-                PlannedTensor(f"{unit.module_name}.{slot.suffix.format(i=j)}", (dims.head_dim,), dtype) for j in range(n)
+                PlannedTensor(f"{unit.module_name}.{slot.suffix.format(i=j)}", (dims.head_dim,), dtype)
+                for j in range(n)
             ]
         else:
             (info,) = slot.infos
@@ -185,23 +196,33 @@ def _plan_unit(unit: _Unit, config: dict[str, Any], g: int, target: torch.dtype 
 
 
 def _merge_unit(
-    unit: _Unit, read: Callable[[TensorInfo], torch.Tensor], config: dict[str, Any], method: MergeMethod, g: int, seed: int
+    unit: _Unit,
+    read: Callable[[TensorInfo], torch.Tensor],
+    config: dict[str, Any],
+    method: MergeMethod,
+    g: int,
+    seed: int,
+    skip: frozenset[str] = frozenset(),
 ) -> list[torch.Tensor]:
     """Merge one module's K/V heads: unpack each tensor, merge the blocks, pack back.
 
-    Returns the output tensors in the order of :func:`_plan_unit`.
+    Returns the output tensors in the order of :func:`_plan_unit`, leaving out the slots named in
+    ``skip`` (copied unchanged by the caller; only for methods that touch nothing but K/V).
     """
     module = unit.module
     assert module is not None
     dims: AttentionDims = module.dims(config)
+    slots = [s for s in unit.slots if s.suffix not in skip]
     # Per-head lists are stacked into one [n * d] tensor so every slot is a plain packed tensor.
-    tensors = {s.suffix: torch.cat([read(i) for i in s.infos]) if s.per_head else read(s.infos[0]) for s in unit.slots}
+    tensors = {
+        s.suffix: torch.cat([read(i) for i in s.infos]) if s.per_head else read(s.infos[0]) for s in slots
+    }
     if module.convert:
         blocks = {s: module.tensors[s].unpack(t, dims) for s, t in tensors.items()}
         merged = method.merge(blocks, MergeContext(unit.module_name, g, seed))
         tensors = {s: module.tensors[s].pack(merged[s], dims) for s in tensors}
     out = []
-    for slot in unit.slots:
+    for slot in slots:
         t = tensors[slot.suffix]
         out += list(t.view(-1, dims.head_dim).unbind(0)) if slot.per_head else [t]
     return out
@@ -221,6 +242,10 @@ def convert(
     num_kv_heads: int,
     method: str | MergeMethod = "mean",
     *,
+    calibration: str | os.PathLike | None = None,
+    calibration_tokens: int | None = None,
+    calibration_seq_len: int | None = None,
+    grouping: str = "contiguous",
     revision: str | None = None,
     token: str | bool | None = None,
     gguf_file: str | None = None,
@@ -238,8 +263,14 @@ def convert(
         source: a local checkpoint folder, a ``.gguf`` file, or a Hub repo id.
         output: the folder to create (written to a temporary sibling, renamed when complete).
         num_kv_heads: G, the K/V heads wanted; must divide the source's K/V heads.
-        method: ``mean`` (the paper), ``first`` or ``random`` (its ablations), or a
-            :class:`~gqa_uptrain.merging.MergeMethod`.
+        method: ``mean`` (the paper), ``first`` or ``random`` (its ablations), ``aligned``
+            (function-aware, needs ``calibration``), or a :class:`~gqa_uptrain.merging.MergeMethod`.
+        calibration: text the calibrated methods fit on: a local text file or folder, or a
+            dataset spec as in uptraining. Needed by ``aligned`` and ``grouping="similarity"``.
+        calibration_tokens: tokens of ``calibration`` to use [default: 65536].
+        calibration_seq_len: length of the calibration blocks [default: 512, capped by the model].
+        grouping: ``contiguous`` (heads ``i*H/G .. (i+1)*H/G - 1`` share a K/V head, the paper's
+            rule) or ``similarity`` (equal-size groups of heads that merge best on ``calibration``).
         revision, token: Hub revision and token (None: ``HF_TOKEN`` or the login cache).
         gguf_file: which GGUF file in the source folder, when it holds several.
         allow_pickle: accept ``pytorch_model*.bin`` weights (loaded with ``weights_only=True``).
@@ -254,7 +285,7 @@ def convert(
         A :class:`ConversionResult` with head counts, parameter counts and KV-cache sizes.
     """
     t0 = time.perf_counter()
-    merge = get_method(method) if isinstance(method, str) else method
+    merge = _merge_method(method, calibration, calibration_tokens, calibration_seq_len, grouping, progress)
     target_dtype = None
     if dtype is not None:
         if dtype not in DTYPES:
@@ -318,7 +349,9 @@ def convert(
             result.extra["card_notes"] = list(notes())
 
         with atomic_output_dir(output, overwrite) as tmp:
-            _stream(src, units, plan, tmp, shard_bytes, config, merge, num_kv_heads, seed, target_dtype, progress)
+            _stream(
+                src, units, plan, tmp, shard_bytes, config, merge, num_kv_heads, seed, target_dtype, progress
+            )
             _write_support_files(src, arch, tmp, out_config)
             result.seconds = time.perf_counter() - t0
             from .card import write_conversion_card
@@ -330,6 +363,33 @@ def convert(
     result.seconds = time.perf_counter() - t0
     logger.info("converted %s to %d K/V heads in %.1fs: %s", src.name, num_kv_heads, result.seconds, output)
     return result
+
+
+def _merge_method(
+    method: str | MergeMethod,
+    calibration: str | os.PathLike | None,
+    tokens: int | None,
+    seq_len: int | None,
+    grouping: str,
+    progress: bool,
+) -> MergeMethod:
+    """The method object :func:`convert` runs: a name resolved (calibrated when it needs to be)."""
+    if not isinstance(method, str):
+        if calibration is not None or grouping != "contiguous":
+            raise ConfigError(
+                "calibration= and grouping= apply to a method given by name; a MergeMethod object "
+                "carries its own (see gqa_uptrain.aligned.build_method)"
+            )
+        return method
+    if calibration is None and (tokens is not None or seq_len is not None):
+        raise ConfigError("calibration_tokens/calibration_seq_len were given without calibration= text")
+    from .aligned import build_method
+    from .calibration import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, CalibrationSpec
+
+    spec = None
+    if calibration is not None:
+        spec = CalibrationSpec(str(calibration), tokens or DEFAULT_TOKENS, seq_len or DEFAULT_SEQ_LEN)
+    return build_method(method, spec, grouping, progress=progress)
 
 
 def _stream(
@@ -348,12 +408,35 @@ def _stream(
     reader = src.reader
     copy_raw = getattr(reader, "copy_raw", None)
     total = sum(i.nbytes for u in units for i in u.infos)
+
+    def merged(u: _Unit) -> list[torch.Tensor]:
+        skip = _copyable_slots(u, merge, target_dtype) if copy_raw is not None else frozenset()
+        return _merge_unit(u, reader.read, config, merge, g, seed, skip)
+
+    # Safetensors sources: the next attention module is read and merged in a worker thread while
+    # this thread kernel-copies the tensors before it, so merging overlaps the disk instead of
+    # adding to it (torch ops and copy_file_range release the GIL). One module ahead at most,
+    # so memory stays bounded by two modules' K/V tensors. Other readers run in order.
+    ahead = 1 if copy_raw is not None and not os.environ.get("GQA_NO_AHEAD") else 0
+    todo = [i for i, u in enumerate(units) if u.module is not None]
     with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="gqa-merge") as pool,
         ShardedWriter(folder, plan, shard_bytes) as writer,
         tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar,
     ):
-        for u in units:
+        futures: dict[int, Future[list[torch.Tensor]]] = {}
+
+        def schedule(upto: int) -> None:  # submit module units up to ``upto`` positions ahead
+            while todo and todo[0] <= upto:
+                i = todo.pop(0)
+                futures[i] = pool.submit(merged, units[i])
+
+        module_rank = {i: r for r, i in enumerate(todo)}
+        modules = list(todo)
+        for idx, u in enumerate(units):
             if u.module is None:
+                if ahead and todo and not futures:
+                    schedule(todo[0])  # the next module merges while this tensor copies
                 (info,) = u.infos
                 if copy_raw is not None and _out_dtype(info.dtype, target_dtype) == info.dtype:
                     writer.write_with(info.name, lambda f, info=info: copy_raw(info, f))
@@ -361,10 +444,31 @@ def _stream(
                     t = reader.read(info)
                     writer.write(info.name, t.to(_out_dtype(t.dtype, target_dtype)))
             else:
-                outputs = _merge_unit(u, reader.read, config, merge, g, seed)
-                for planned, t in zip(_plan_unit(u, config, g, target_dtype), outputs, strict=True):
-                    writer.write(planned.name, t.to(planned.dtype).contiguous())
+                r = module_rank[idx]
+                schedule(modules[min(r + ahead, len(modules) - 1)])
+                outputs = iter(futures.pop(idx).result())
+                skip = _copyable_slots(u, merge, target_dtype) if copy_raw is not None else frozenset()
+                copied = {s.infos[0].name: s.infos[0] for s in u.slots if s.suffix in skip}
+                for p in _plan_unit(u, config, g, target_dtype):  # plan order, copies interleaved
+                    if p.name in copied:
+                        writer.write_with(p.name, lambda f, info=copied[p.name]: copy_raw(info, f))
+                    else:
+                        writer.write(p.name, next(outputs).to(p.dtype).contiguous())
             bar.update(sum(i.nbytes for i in u.infos))
+
+
+def _copyable_slots(unit: _Unit, merge: MergeMethod, target: torch.dtype | None) -> frozenset[str]:
+    """Slots of ``unit`` that come out byte-identical: a query or output projection of its own
+    (not fused with K/V) under a method that changes only K/V blocks, with the dtype kept."""
+    if not getattr(merge, "kv_only", False) or unit.module is None:
+        return frozenset()
+    return frozenset(
+        s.suffix
+        for s in unit.slots
+        if not s.per_head
+        and unit.module.tensors[s.suffix].roles() in (("q",), ("o",))
+        and _out_dtype(s.infos[0].dtype, target) == s.infos[0].dtype
+    )
 
 
 def _write_support_files(src: Source, arch: Architecture, folder: Path, out_config: dict[str, Any]) -> None:
@@ -380,14 +484,17 @@ def _write_support_files(src: Source, arch: Architecture, folder: Path, out_conf
             if p.is_file():
                 shutil.copyfile(p, folder / name)
     if not (folder / "generation_config.json").exists():
-        from transformers import GenerationConfig
-
-        try:
-            GenerationConfig.from_dict(
-                {k: out_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in out_config}
-            ).save_pretrained(folder)
-        except Exception as e:  # a generation config is a convenience; never fail the conversion on it
-            logger.warning("no generation_config.json written: %s", e)
+        # Written by hand, not through transformers.GenerationConfig: importing transformers costs
+        # the converter seconds, and this is the whole file save_pretrained writes for these keys.
+        gen = {
+            k: out_config[k]
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if out_config.get(k) is not None
+        }
+        gen["_from_model_config"] = True
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            gen["transformers_version"] = importlib.metadata.version("transformers")
+        (folder / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
     if arch.remote_code is not None:
         for path in arch.remote_code.files():
             shutil.copyfile(path, folder / Path(path).name)

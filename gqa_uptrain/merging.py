@@ -63,6 +63,9 @@ class _PerBlock:
     """Base for methods that treat every K/V block on its own."""
 
     name = ""
+    # Only K/V blocks change: the converter may copy query and output projections byte for byte
+    # (kernel-side, never decoded) instead of reading them into tensors.
+    kv_only = True
 
     def merge(self, blocks: HeadBlocks, ctx: MergeContext) -> HeadBlocks:
         out: HeadBlocks = {}

@@ -243,3 +243,27 @@ def test_real_smollm2_mqa_aligned_far_better_than_mean(smollm2_gguf, python_docs
             ce[name] = model(x, labels=x).loss.item()
     removed = (ce["mean"] - ce["aligned"]) / (ce["mean"] - ce["original"])
     assert removed > 0.5, ce
+
+
+def test_library_convert_takes_calibration_by_keyword(make_model, tmp_path):
+    """``convert(..., "aligned", calibration=..., grouping=...)`` is the library twin of the CLI
+    options; a method object with calibration keywords, or token counts without text, are refused."""
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(f"w{int(i)}" for i in torch.randint(0, 120, (3000,), generator=g))
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text)
+    src, _ = make_model("llama")
+    _word_tokenizer(src, text)
+    result = convert(
+        src, tmp_path / "out", 2, "aligned", calibration=calib, calibration_tokens=256, grouping="similarity",
+        progress=False,
+    )  # fmt: skip
+    assert result.method == "aligned"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "`similarity`" in card and "256 tokens" in card
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with pytest.raises(ConfigError, match="MergeMethod object"):
+        convert(src, tmp_path / "bad", 2, _aligned(None), calibration=calib, progress=False)
+    with pytest.raises(ConfigError, match="without calibration"):
+        convert(src, tmp_path / "bad", 2, "mean", calibration_tokens=256, progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -242,3 +242,31 @@ def test_pickled_weights_need_the_flag(make_model, tmp_path):
         convert(pkl, tmp_path / "out", 2, progress=False)
     convert(pkl, tmp_path / "out", 2, allow_pickle=True, progress=False)
     torch.testing.assert_close(logits(load(tmp_path / "out")), logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_query_and_output_projections_are_copied_not_decoded(make_model, tmp_path, monkeypatch):
+    """Methods that change only K/V (mean/first/random) copy q_proj/o_proj byte for byte through
+    the reader's raw copy (the fast path that keeps the converter near disk speed); K/V are merged.
+    A method that rewrites Q/O (aligned) or a dtype cast goes through tensors instead."""
+    from gqa_uptrain.checkpoint import SafetensorsReader
+
+    src, _ = make_model("llama")
+    copied: list[str] = []
+    raw = SafetensorsReader.copy_raw
+
+    def spy(self, info, f):
+        copied.append(info.name)
+        return raw(self, info, f)
+
+    monkeypatch.setattr(SafetensorsReader, "copy_raw", spy)
+    convert(src, tmp_path / "mean", 2, progress=False)
+    attn = [n for n in copied if ".self_attn." in n]
+    assert attn and all(n.endswith(("q_proj.weight", "o_proj.weight")) for n in attn), attn
+    assert len(attn) == 2 * 2  # two layers, q and o each
+    a, b = all_tensors(src), all_tensors(tmp_path / "mean")
+    for name in attn:
+        assert torch.equal(a[name], b[name]), name
+    copied.clear()
+    convert(src, tmp_path / "cast", 2, dtype="bfloat16", progress=False)
+    assert not copied
+    assert all(t.dtype == torch.bfloat16 for t in all_tensors(tmp_path / "cast").values())

@@ -45,7 +45,9 @@ def convert(
             show_default=False,
         ),
     ],
-    output: Annotated[Path, typer.Argument(help="Folder to write the converted checkpoint to.", show_default=False)],
+    output: Annotated[
+        Path, typer.Argument(help="Folder to write the converted checkpoint to.", show_default=False)
+    ],
     num_kv_heads: Annotated[
         int,
         typer.Option(
@@ -136,7 +138,10 @@ def convert(
     ] = False,
     revision: Annotated[
         str | None,
-        typer.Option(help="Hub branch, tag or commit of SOURCE. The token comes from HF_TOKEN or `hf auth login`.", rich_help_panel=HUB),
+        typer.Option(
+            help="Hub branch, tag or commit of SOURCE. The token comes from HF_TOKEN or `hf auth login`.",
+            rich_help_panel=HUB,
+        ),
     ] = None,
     push_to_hub: Annotated[
         str | None,
@@ -154,14 +159,11 @@ def convert(
 ) -> None:
     """Convert SOURCE to grouped-query attention with --num-kv-heads K/V heads and write OUTPUT."""
     setup_logging(verbose)
-    from ..aligned import build_method
-    from ..calibration import CalibrationSpec
     from ..conversion import convert as run
 
     command = "gqa-convert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     # With calibration data, aligned is the better method (results/merging.md): make it the default.
     method_name = method.value if method else ("aligned" if calibration else "mean")
-    spec = CalibrationSpec(calibration, calibration_tokens) if calibration else None
     if push_to_hub:  # no token or a bad repo id: fail before the conversion, not after it
         from ..hub import check_push_target, push_folder
 
@@ -171,7 +173,10 @@ def convert(
             source,
             output,
             num_kv_heads,
-            build_method(method_name, spec, grouping.value, progress=not quiet),
+            method_name,
+            calibration=calibration,
+            calibration_tokens=calibration_tokens if calibration else None,
+            grouping=grouping.value,
             revision=revision,
             gguf_file=gguf_file,
             allow_pickle=allow_pickle,
@@ -188,7 +193,9 @@ def convert(
         console.print(f"uploaded to [bold]{pushed.url}[/]", highlight=False)
     if quiet:
         return
-    table = Table(title=f"{result.architecture}: {result.num_kv_heads_before} → {result.num_kv_heads_after} K/V heads ({result.method})")
+    table = Table(
+        title=f"{result.architecture}: {result.num_kv_heads_before} → {result.num_kv_heads_after} K/V heads ({result.method})"
+    )
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -201,7 +208,9 @@ def convert(
         _fmt_bytes(result.kv_bytes_per_token_after),
     )
     console.print(table)
-    console.print(f"KV cache {100 * result.kv_reduction:.1f}% smaller · {result.seconds:.1f}s · written to [bold]{result.output}[/]")
+    console.print(
+        f"KV cache {100 * result.kv_reduction:.1f}% smaller · {result.seconds:.1f}s · written to [bold]{result.output}[/]"
+    )
     if result.needs_trust_remote_code:
         console.print(
             f"[yellow]{result.architecture} has no GQA in transformers:[/] load with trust_remote_code=True "
