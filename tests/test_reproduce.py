@@ -59,6 +59,10 @@ def test_smoke_reproduction_fills_every_cell(tmp_path, python_docs):
         assert all(cells) and "n/a" not in cells, line
         assert all(re.search(r"\d", c) for c in cells[1:]), line
     assert md.count("Holds") + md.count("Does not hold") == 3
+    # Beyond the paper: aligned and similarity grouping, each target checked or reported.
+    checks = result["merging"]
+    assert len(checks) == 4 and checks[2]["holds"] is None and checks[3]["holds"] is None
+    assert md.count("**Met**") + md.count("**Not met**") + md.count("**Reported**") == 4
     for name in ("fig4_methods.png", "fig5_alpha.png", "fig6_groups.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     # An existing results folder is not overwritten.
