@@ -32,8 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gqa_uptrain import convert  # noqa: E402
-from gqa_uptrain.aligned import build_method  # noqa: E402
-from gqa_uptrain.calibration import CalibrationSpec  # noqa: E402
 from gqa_uptrain.config import load_recipe  # noqa: E402
 from gqa_uptrain.evaluation.perplexity import perplexity, tokenize_documents  # noqa: E402
 from gqa_uptrain.training import uptrain  # noqa: E402
@@ -80,8 +78,10 @@ def main() -> None:
     result = convert(gguf, mean, 1, overwrite=True)
     models.append(("MQA, mean pooling (the paper)", mean))
     aligned = work / "mqa-aligned"
-    spec = CalibrationSpec(str(DOCS / "library"), args.calibration_tokens)
-    convert(gguf, aligned, 1, build_method("aligned", spec), overwrite=True)
+    convert(
+        gguf, aligned, 1, "aligned", calibration=DOCS / "library", calibration_tokens=args.calibration_tokens,
+        overwrite=True,
+    )  # fmt: skip
     models.append(("MQA, aligned merge", aligned))
 
     if not args.skip_uptrain:
