@@ -153,6 +153,13 @@ class OutputConfig:
     """``accelerate`` trackers by name (``tensorboard``, ``wandb``, ``mlflow``, ...); ``[]``: none."""
     log_every: int = 10
     """Log training loss, learning rate and throughput every N optimizer steps."""
+    push_to_hub: str | None = None
+    """Hub model repo (``OWNER/NAME``) that ``model/`` is uploaded to when training finishes (created if
+    needed). The repo id and a token (``HF_TOKEN`` or ``hf auth login``) are checked before training."""
+    hub_private: bool = False
+    """Create the ``push_to_hub`` repo private (an existing repo keeps its visibility)."""
+    hub_revision: str | None = None
+    """Branch of the ``push_to_hub`` repo to upload to (created from main if missing); ``None``: main."""
 
 
 @dataclass
@@ -342,7 +349,25 @@ def _check(cfg: UptrainConfig) -> UptrainConfig:
         raise ConfigError(
             "recipe keys output.resume and output.overwrite: pick one (continue, or start over)"
         )
+    _check_hub(cfg.output)
     return cfg
+
+
+def _check_hub(out: OutputConfig) -> None:
+    """The Hub keys: a valid repo id, and no Hub option without a repo to apply it to."""
+    if out.push_to_hub is None:
+        for key, value in (("hub_private", out.hub_private), ("hub_revision", out.hub_revision)):
+            if value:
+                raise ConfigError(
+                    f"recipe key output.{key}: only applies with output.push_to_hub (the repo to upload to); "
+                    f"set output.push_to_hub=OWNER/NAME or drop output.{key}"
+                )
+        return
+    from .hub import check_repo_id  # huggingface_hub: imported only when a push is asked for
+
+    check_repo_id(out.push_to_hub, "recipe key output.push_to_hub:")
+    if out.hub_revision is not None and not out.hub_revision.strip():
+        raise ConfigError("recipe key output.hub_revision: empty; give a branch name or null for main")
 
 
 def config_from_dict(data: dict[str, Any]) -> UptrainConfig:

@@ -14,6 +14,9 @@ a checkpoint is taken only at an optimizer-step boundary and records (epoch, bat
 and ``load_state`` restores model, optimizer, scheduler and RNG states. A run killed at any
 point and resumed therefore replays exactly the batches the uninterrupted run would have seen.
 
+With ``output.push_to_hub`` the repo id and the token are checked before anything else, and
+``model/`` is uploaded by the main process once it is saved (:func:`push_model`).
+
 Run folder (``output.dir``)::
 
     recipe.yaml       the resolved recipe          model/        final Hugging Face checkpoint
@@ -93,6 +96,7 @@ class UptrainResult:
     tokens_per_second: float = 0.0
     seconds: float = 0.0
     trainable_parameters: int = 0
+    hub_url: str | None = None  # where output.push_to_hub uploaded the model (main process only)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -402,6 +406,22 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+def _refuse_sharding_on_cpu() -> None:
+    """Refuse an ``accelerate launch`` FSDP or DeepSpeed config on a machine without a GPU.
+
+    accelerate (1.x) turns FSDP and DeepSpeed on only for GPU-like devices: on CPU its state is
+    ``MULTI_CPU`` and the plugin is dropped, so the run would silently be plain data parallel with
+    the whole model on every process (FSDP v1's ``sync_module_states`` even fails to construct).
+    """
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "false").lower() == "true":
+            raise ConfigError(
+                f"the accelerate config asks for {name}, which accelerate runs only on GPUs: on CPU it would be "
+                "plain data parallel with the whole model on every process; launch with "
+                "recipes/accelerate/multi-cpu.yaml (or torchrun) instead"
+            )
+
+
 def _prepare_output(cfg: UptrainConfig, out: Path) -> Path | None:
     """On the main process: refuse, clear, or pick the checkpoint to resume from."""
     ckpt = latest_checkpoint(out)
@@ -435,8 +455,11 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
     # accelerate only goes multi-process on CPU (gloo) when told `cpu=True`: do so under torchrun /
     # accelerate launch on a machine without a GPU, so `torchrun --nproc_per_node N` just works.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) >= 0
+    on_cpu = launched and not torch.cuda.is_available()
+    if on_cpu:
+        _refuse_sharding_on_cpu()
     accelerator = Accelerator(
-        cpu=launched and not torch.cuda.is_available(),
+        cpu=on_cpu,
         mixed_precision=mp,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.optim.grad_accum, sync_with_dataloader=False
@@ -455,6 +478,12 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
     err: list[Any] = [None, None]
     if accelerator.is_main_process:
         try:
+            if cfg.output.push_to_hub:
+                # A bad repo id or no token fails now, in seconds, not after hours of training, and
+                # before a previous run in the folder is cleared by output.overwrite.
+                from .hub import check_push_target
+
+                check_push_target(cfg.output.push_to_hub, cfg.output.hub_revision)
             out.mkdir(parents=True, exist_ok=True)
             lock.__enter__()
             try:
@@ -473,6 +502,10 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
             "CheckpointError": CheckpointError,
             "ConfigError": ConfigError,
         }
+        if kind == "HubError":
+            from .hub import HubError
+
+            cls["HubError"] = HubError
         raise cls.get(kind, GQAError)(msg)
     resume_from = Path(err[1]) if err[1] else None
     try:
@@ -764,7 +797,43 @@ def _run(
     )
     if trackers:
         accelerator.end_training()
+    if cfg.output.push_to_hub and main:
+        # No barrier after this: the other processes are done, and an upload error on the main
+        # process must not leave them waiting.
+        result.hub_url = push_model(cfg, result.model_dir)
     return result
+
+
+def push_model(cfg: UptrainConfig, model_dir: Path) -> str:
+    """Upload the final model folder to ``output.push_to_hub``; return the repo (or branch) URL.
+
+    The folder's card gets the Hub usage section; the token is never logged. On failure the error
+    says that the model is saved and how to publish it later with ``gqa-export``.
+    """
+    from .hub import push_folder
+
+    repo_id = cfg.output.push_to_hub
+    assert repo_id is not None
+    logger.info("uploading %s to the Hub as %s", model_dir, repo_id)
+    try:
+        pushed = push_folder(
+            model_dir,
+            repo_id,
+            private=cfg.output.hub_private,
+            revision=cfg.output.hub_revision,
+            commit_message=f"Upload {repo_id.split('/')[-1]} uptrained with gqa-uptrain",
+        )
+    except GQAError as e:
+        options = (" --private" if cfg.output.hub_private else "") + (
+            f" --revision {cfg.output.hub_revision}" if cfg.output.hub_revision else ""
+        )
+        raise type(e)(
+            f"{e}; the uptrained model is saved in {model_dir}: publish it with "
+            f"`gqa-export {model_dir} {repo_id}{options}`"
+        ) from None
+    assert pushed.url is not None
+    logger.info("uploaded the uptrained model to %s", pushed.url)
+    return pushed.url
 
 
 def mp_is_bf16(accelerator: Accelerator) -> bool:

@@ -77,3 +77,34 @@ def build_model(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return model
+
+
+def build_world(root: Path) -> Path:
+    """Real text, a BPE tokenizer trained on it, a tiny GQA student and a tiny MHA 'original' in ``root``."""
+    text = copy_docs(root / "text", max_bytes=150_000)
+    tok = build_tokenizer(text, root / "tok", vocab_size=384)
+    build_model(root / "student", tok, kv_heads=2, seed=0)
+    build_model(root / "teacher", tok, kv_heads=4, seed=1)
+    return root
+
+
+def tiny_recipe(world: Path, out: Path, **sections) -> dict:
+    """A 12-step recipe over the world of :func:`build_world`; ``sections`` update its sections."""
+    data = {
+        "model": {"path": str(world / "student")},
+        "data": {
+            "source": str(world / "text"),
+            "block_size": 32,
+            "eval_documents": 2,
+            "cache_dir": str(world / "cache"),
+        },
+        "optim": {"lr": 3e-3, "batch_size": 4, "weight_decay": 0.0},
+        "schedule": {"warmup_steps": 2},
+        "budget": {"steps": 12},
+        "eval": {"every": 0, "max_blocks": 16},
+        "checkpoint": {"every": 4, "keep_last": 2},
+        "output": {"dir": str(out), "log_with": [], "log_every": 1},
+    }
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v)
+    return data

@@ -103,3 +103,15 @@ def test_recipe_round_trips_and_file_errors(tmp_path):
 def test_shipped_recipes_validate(recipe):
     cfg = load_recipe(RECIPES / recipe)
     assert cfg.total_steps(1) > 0
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (RECIPES / "accelerate").glob("*.yaml")))
+def test_shipped_accelerate_configs_load(config):
+    """Every accelerate config parses as accelerate reads it (unknown keys or values raise there)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(RECIPES / "accelerate" / config))
+    assert cfg.num_processes >= 2 and cfg.mixed_precision in ("no", "bf16")
+    if config == "multi-cpu.yaml":
+        # torchrun's launcher (MULTI_CPU's starts processes only through mpirun), on the CPU.
+        assert cfg.distributed_type.value == "MULTI_GPU" and cfg.use_cpu and cfg.num_processes == 2

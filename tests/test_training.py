@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _uptrain_fixtures import build_model, build_tokenizer, copy_docs
+from _uptrain_fixtures import build_world, tiny_recipe
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from gqa_uptrain import training
 from gqa_uptrain.cli.uptrain import app
 from gqa_uptrain.config import config_from_dict
-from gqa_uptrain.errors import CheckpointError, GQAError, OutputExistsError
+from gqa_uptrain.errors import CheckpointError, ConfigError, GQAError, OutputExistsError
 from gqa_uptrain.training import run_lock, uptrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,37 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Real text, a BPE tokenizer trained on it, a tiny GQA student and a tiny MHA 'original'."""
-    root = tmp_path_factory.mktemp("uptrain")
-    text = copy_docs(root / "text", max_bytes=150_000)
-    tok = build_tokenizer(text, root / "tok", vocab_size=384)
-    build_model(root / "student", tok, kv_heads=2, seed=0)
-    build_model(root / "teacher", tok, kv_heads=4, seed=1)
-    return root
-
-
-def recipe(world: Path, out: Path, **sections) -> dict:
-    data = {
-        "model": {"path": str(world / "student")},
-        "data": {
-            "source": str(world / "text"),
-            "block_size": 32,
-            "eval_documents": 2,
-            "cache_dir": str(world / "cache"),
-        },
-        "optim": {"lr": 3e-3, "batch_size": 4, "weight_decay": 0.0},
-        "schedule": {"warmup_steps": 2},
-        "budget": {"steps": 12},
-        "eval": {"every": 0, "max_blocks": 16},
-        "checkpoint": {"every": 4, "keep_last": 2},
-        "output": {"dir": str(out), "log_with": [], "log_every": 1},
-    }
-    for k, v in sections.items():
-        data.setdefault(k, {}).update(v)
-    return data
+    return build_world(tmp_path_factory.mktemp("uptrain"))
 
 
 def run(world: Path, out: Path, **sections) -> training.UptrainResult:
-    return uptrain(config_from_dict(recipe(world, out, **sections)))
+    return uptrain(config_from_dict(tiny_recipe(world, out, **sections)))
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -228,7 +202,7 @@ def test_user_errors_are_clear(world, tmp_path):
 
 def test_cli_check_and_errors(world, tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe(world, tmp_path / "run")))
+    path.write_text(yaml.safe_dump(tiny_recipe(world, tmp_path / "run")))
     runner = CliRunner()
     ok = runner.invoke(app, [str(path), "optim.lr=1e-3", "--steps", "7", "--check"])
     assert ok.exit_code == 0, ok.output
@@ -250,7 +224,7 @@ def test_two_processes_match_one_process(world, reference, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "run"
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe(world, out, optim={"batch_size": 2})))
+    path.write_text(yaml.safe_dump(tiny_recipe(world, out, optim={"batch_size": 2})))
     dump = tmp_path / "rank{rank}.pt"
     script = tmp_path / "launch.py"
     script.write_text(
@@ -285,3 +259,82 @@ def test_two_processes_match_one_process(world, reference, tmp_path):
     saved = weights(out)
     assert_same_weights(saved, ref, atol=1e-5)
     assert json.loads((out / "results.json").read_text())["processes"] == 2
+
+
+RANK_SPY = """
+# Loaded at start-up (this folder is first on PYTHONPATH) by the processes `accelerate launch` starts:
+# records each rank's trained weights and its distributed set-up when the final model is saved.
+import os
+
+if os.environ.get("LOCAL_RANK") is not None and os.environ.get("GQA_RANK_DUMP"):
+    import torch
+    import torch.distributed as dist
+
+    from gqa_uptrain import training
+
+    _real = training._save_final_model
+
+    def _spy(cfg, acc, model, *args, **kwargs):
+        params = {n: p.detach().clone() for n, p in acc.unwrap_model(model).named_parameters()}
+        info = {"distributed_type": str(acc.distributed_type), "backend": dist.get_backend(),
+                "processes": acc.num_processes, "device": str(acc.device)}
+        torch.save({"params": params, **info}, os.environ["GQA_RANK_DUMP"].format(rank=acc.process_index))
+        return _real(cfg, acc, model, *args, **kwargs)
+
+    training._save_final_model = _spy
+"""
+
+
+@pytest.mark.slow
+def test_accelerate_launch_multi_cpu_config_matches_one_process(world, reference, tmp_path):
+    """`accelerate launch --config_file recipes/accelerate/multi-cpu.yaml -m gqa_uptrain.cli.uptrain`:
+    two gloo processes on the CPU with per-device batch 2 = the global batch 4 of the single-process
+    reference; both ranks end with the same weights, and those are the reference's."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not accelerate.exists():
+        pytest.skip("accelerate's launcher is not installed")
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(world, out, optim={"batch_size": 2})))
+    spy_dir = tmp_path / "spy"
+    spy_dir.mkdir()
+    (spy_dir / "sitecustomize.py").write_text(RANK_SPY)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": os.pathsep.join([str(spy_dir), str(REPO)]),
+        "GQA_RANK_DUMP": str(tmp_path / "rank{rank}.pt"),
+    }
+    cmd = [str(accelerate), "launch", "--config_file", str(REPO / "recipes/accelerate/multi-cpu.yaml")]
+    proc = subprocess.run(
+        [*cmd, "-m", "gqa_uptrain.cli.uptrain", str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for r in ranks:
+        assert r["distributed_type"] == "DistributedType.MULTI_CPU" and r["backend"] == "gloo"
+        assert r["processes"] == 2 and r["device"].startswith("cpu")
+    assert_same_weights(ranks[0]["params"], ranks[1]["params"])  # DDP keeps ranks bit-identical
+    assert_same_weights(weights(out), weights(ref_out), atol=1e-5)
+    assert_same_weights(weights(out), ranks[0]["params"])
+    assert json.loads((out / "results.json").read_text())["processes"] == 2
+    assert "2 process(es)" in proc.stdout and proc.stdout.count("held-out after") == 1  # rank 0 logs
+
+
+def test_fsdp_or_deepspeed_launch_on_cpu_is_refused(world, tmp_path, monkeypatch):
+    """accelerate drops FSDP / DeepSpeed on CPU (plain data parallel instead): say so, do not train."""
+    monkeypatch.setattr(training.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        monkeypatch.setenv(var, "true")
+        with pytest.raises(ConfigError, match=f"asks for {name}, which accelerate runs only on GPUs"):
+            run(world, tmp_path / "run")
+        monkeypatch.delenv(var)
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -11,23 +12,28 @@ from rich.table import Table
 
 from ._common import console, main_for, make_app, run_command, setup_logging
 
-app = make_app(
+HELP = (
     "Uptrain a converted checkpoint so it recovers the quality lost in conversion (Ainslie et al. 2023): "
     "continue training for a small fraction of its pretraining compute.\n\n"
     "RECIPE is a YAML file (see [cyan]recipes/[/]); any key can be overridden after it as "
     "[cyan]section.key=value[/], e.g. [cyan]optim.lr=1e-4 budget.steps=50[/]. The same command runs in "
-    "one CPU process, under [cyan]torchrun[/] and under [cyan]accelerate launch[/] (DDP, FSDP, DeepSpeed; "
-    "configs in [cyan]recipes/accelerate/[/]).\n\n"
+    "one CPU process, under [cyan]torchrun[/] and under [cyan]accelerate launch[/] (data parallel on GPUs "
+    "or CPU cores, FSDP and DeepSpeed on GPUs; configs in [cyan]recipes/accelerate/[/]).\n\n"
     "The run folder gets [bold]model/[/] (final Hugging Face checkpoint), [bold]checkpoints/[/] "
     "(resumable state), [bold]logs/[/] (TensorBoard), [bold]results.json[/] (held-out perplexity "
-    "before and after). Ctrl-C saves a checkpoint; [bold]--resume[/] continues exactly where it stopped."
+    "before and after). Ctrl-C saves a checkpoint; [bold]--resume[/] continues exactly where it stopped.\n\n"
+    "[bold]--push-to-hub OWNER/NAME[/] uploads [bold]model/[/] to the Hub when training finishes; the repo id "
+    "and the token ([bold]HF_TOKEN[/] or [bold]hf auth login[/], never the command line) are checked before "
+    "training starts."
 )
+app = make_app(HELP)
 
 RUN = "Run"
 SHORT = "Shortcuts for recipe keys"
+HUB = "Hub"
 
 
-@app.command()
+@app.command(help=HELP)
 def uptrain(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).", show_default=False)],
     overrides: Annotated[
@@ -87,6 +93,18 @@ def uptrain(
             show_default=False,
         ),
     ] = None,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(
+            "--push-to-hub",
+            metavar="REPO_ID",
+            help="After training, upload the final model to this Hub model repo (OWNER/NAME), created if "
+            "needed (output.push_to_hub); the token comes from HF_TOKEN or `hf auth login`. Checked before "
+            "training. Private repo or another branch: output.hub_private=true, output.hub_revision=BRANCH.",
+            rich_help_panel=HUB,
+            show_default=False,
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Debug logging.", rich_help_panel=RUN)
     ] = False,
@@ -97,10 +115,13 @@ def uptrain(
         # accelerate logs every file of every checkpoint at INFO.
         for name in ("accelerate", "accelerate.checkpointing", "accelerate.accelerator"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        if int(os.environ.get("RANK", "0") or 0) > 0:
+            # Under torchrun / accelerate launch every process runs this: rank 0 tells the story.
+            logging.getLogger("gqa_uptrain").setLevel(logging.WARNING)
     from ..config import dump_recipe, load_recipe
 
     extra = list(overrides or [])
-    for key, value in (("model.path", model), ("output.dir", output)):
+    for key, value in (("model.path", model), ("output.dir", output), ("output.push_to_hub", push_to_hub)):
         if value is not None:
             extra.append(f"{key}={value}")
     if steps is not None:
@@ -113,6 +134,14 @@ def uptrain(
     if check:
         console.print(dump_recipe(cfg), highlight=False, markup=False)
         console.print(f"recipe ok: {cfg.total_steps()} optimizer steps in one process", highlight=False)
+        if cfg.output.push_to_hub:
+            from ..hub import check_push_target
+
+            run_command(lambda: check_push_target(cfg.output.push_to_hub, cfg.output.hub_revision))
+            console.print(
+                f"push target ok: {cfg.output.push_to_hub} (token found; its permissions are checked at upload)",
+                highlight=False,
+            )
         return
 
     from ..training import uptrain as run_uptrain
@@ -145,6 +174,8 @@ def uptrain(
         f"{result.seconds:.0f}s · model in [bold]{result.model_dir}[/]",
         highlight=False,
     )
+    if result.hub_url:
+        console.print(f"uploaded to [bold]{result.hub_url}[/]", highlight=False)
 
 
 main = main_for(app)
