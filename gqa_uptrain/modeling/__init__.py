@@ -9,8 +9,9 @@
 The modelling files import only torch and transformers (and their sibling ``gqa_attention.py`` by
 relative import), so the converter copies them into a converted checkpoint together with an ``auto_map``
 and ``AutoModel*.from_pretrained(folder, trust_remote_code=True)`` loads it where only transformers is
-installed. :func:`register_auto_classes` (called when ``gqa_uptrain`` is imported) registers the same
-classes with the Auto classes, so no remote code is needed where this package is installed.
+installed. :func:`register_auto_classes` registers the same classes with the Auto classes, so no remote
+code is needed where this package is installed; ``import gqa_uptrain`` arranges for it to run as soon
+as transformers' Auto classes are imported (see ``gqa_uptrain/__init__.py``).
 """
 
 from __future__ import annotations
