@@ -251,7 +251,14 @@ def init_original(scale: Scale, tokenizer: Any, out: Path, seed: int) -> Path:
 
 
 def train(
-    source: Path, out: Path, steps: int, start_step: int, scale: Scale, dcfg: DataConfig, seed: int
+    source: Path,
+    out: Path,
+    steps: int,
+    start_step: int,
+    scale: Scale,
+    dcfg: DataConfig,
+    seed: int,
+    warmup: int = 0,
 ) -> Path:
     """Train ``source`` for ``steps`` optimizer steps of the pretraining recipe; returns the model folder.
 
@@ -259,7 +266,9 @@ def train(
     learning rate at step N. Uptraining (``start_step == N``) continues that recipe where it ended:
     the same optimizer and hyper-parameters, the same data, at the schedule's final learning rate
     (constant; the cosine has reached its floor). The optimizer state starts afresh because the K/V
-    parameters changed shape. Every uptraining run gets the same data order, so methods and
+    parameters changed shape; ``warmup`` > 0 ramps the rate up over that many steps (at most half
+    the run), since a fresh AdamW's first updates move every weight by about the learning rate
+    whatever its gradient. Every uptraining run gets the same data order, so methods and
     head counts are compared on identical batches.
     """
     from gqa_uptrain.config import config_from_dict
@@ -275,7 +284,7 @@ def train(
         "optim": {"lr": scale.learning_rate * (1.0 if pretraining else 0.1), "batch_size": scale.batch_size,
                   "weight_decay": 0.1, "grad_clip": 1.0, "mixed_precision": "no"},
         "schedule": ({"kind": "cosine", "warmup_steps": scale.warmup_steps, "min_lr_ratio": 0.1}
-                     if pretraining else {"kind": "constant", "warmup_steps": 0}),
+                     if pretraining else {"kind": "constant", "warmup_steps": min(warmup, steps // 2)}),
         "budget": {"steps": steps},
         "eval": {"every": 0, "at_start": False, "max_blocks": 8},
         "checkpoint": {"every": 0},
@@ -495,7 +504,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Held-out perplexity",
         "",
-        "Uptraining: alpha x N more steps of the pretraining recipe. At G = H conversion is the identity, "
+        "Uptraining: alpha x N more steps of the pretraining recipe (at its final learning rate, fresh AdamW state"
+        + (f", the rate ramped up over the first {result['uptrain_warmup']} steps (at most half a run)"
+           if result.get("uptrain_warmup") else ", no warmup, as the paper continues its recipe")
+        + "). At G = H conversion is the identity, "
         "so the first row is the original MHA model, uptrained the same number of steps as a control.",
         "",
         "| method | K/V heads | KV cache / token | "
@@ -839,6 +851,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(Row(method, g, alpha, alpha_steps(alpha, n), ppl, nll, kvb, match, str(path)))
         logger.info("%-8s %d K/V heads alpha %-4s perplexity %.3f", method, g, _pct(alpha), ppl)
 
+    uptrain_dir = f"uptrain-warmup{args.uptrain_warmup}" if args.uptrain_warmup else "uptrain"
     for g in kv_heads_list(heads):
         for method in ("original",) if g == heads else METHODS:
             if method == "original":
@@ -867,12 +880,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     path = train(
                         start,
-                        work / "uptrain" / f"{method}-g{g}-a{alpha * 100:g}",
+                        work / uptrain_dir / f"{method}-g{g}-a{alpha * 100:g}",
                         alpha_steps(alpha, n),
                         n,
                         scale,
                         dcfg,
                         args.seed,
+                        args.uptrain_warmup,
                     )
                     t_train += time.perf_counter() - t0
                 add(method, g, alpha, path)
@@ -913,6 +927,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scale_name": args.scale,
         "scale": asdict(scale),
         "seed": args.seed,
+        "uptrain_warmup": args.uptrain_warmup,
         "command": args.command,
         "machine": machine_info(torch.device(speed[0]["device"])),
         "data": {
@@ -969,6 +984,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Text: a folder/files/glob of documents or a Hub dataset [default: python3.11 docs].",
     )
     p.add_argument("--steps", type=int, default=None, help="Override N, the pretraining steps of the scale.")
+    p.add_argument(
+        "--uptrain-warmup",
+        type=int,
+        default=0,
+        help="Ramp the uptraining learning rate up over this many steps (at most half a run) [default: 0, the "
+        "paper's protocol]. Uptraining runs go to WORK/uptrain-warmupK, so both protocols share one pretraining.",
+    )
     p.add_argument(
         "--seed",
         type=int,
