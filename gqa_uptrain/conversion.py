@@ -417,7 +417,7 @@ def _stream(
     # this thread kernel-copies the tensors before it, so merging overlaps the disk instead of
     # adding to it (torch ops and copy_file_range release the GIL). One module ahead at most,
     # so memory stays bounded by two modules' K/V tensors. Other readers run in order.
-    ahead = 1 if copy_raw is not None and not os.environ.get("GQA_NO_AHEAD") else 0
+    ahead = 1 if copy_raw is not None else 0
     todo = [i for i, u in enumerate(units) if u.module is not None]
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="gqa-merge") as pool,
