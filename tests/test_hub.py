@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _hub_fakes import FakeHub, use_fake_login
 from conftest import tiny_config
-from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.hf_api import CommitInfo, RepoUrl
+from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
 from gqa_uptrain import CheckpointError, ConfigError, convert
@@ -72,62 +72,7 @@ def folder(converted_once, tmp_path) -> Path:
 
 @pytest.fixture(autouse=True)
 def fake_login(tmp_path, monkeypatch):
-    """A known fake token in HF_TOKEN, and no login cache or OIDC that could supply a real one."""
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-
-
-class FakeHub:
-    """Records the HfApi calls gqa_uptrain.hub makes; ``fail`` makes upload_folder raise once."""
-
-    def __init__(self, monkeypatch, fail: BaseException | None = None):
-        self.calls: list[tuple[str, dict]] = []
-        self.tokens: list[str | None] = []
-        self.fail = fail
-        self.card_at_upload: str | None = None
-        hub = self
-
-        def create_repo(api, repo_id, **kw):
-            hub.calls.append(("create_repo", {"repo_id": repo_id, **kw}))
-            hub.tokens.append(api.token)
-            return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-        def create_branch(api, repo_id, **kw):
-            hub.calls.append(("create_branch", {"repo_id": repo_id, **kw}))
-
-        def upload_folder(api, **kw):
-            hub.calls.append(("upload_folder", kw))
-            hub.card_at_upload = (Path(kw["folder_path"]) / "README.md").read_text()
-            if hub.fail is not None:
-                err, hub.fail = hub.fail, None
-                raise err
-            pr = (
-                "https://huggingface.co/someone/tiny-llama-gqa2/discussions/1"
-                if kw.get("create_pr")
-                else None
-            )
-            return CommitInfo(
-                commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/abc123",
-                commit_message=kw.get("commit_message") or "",
-                commit_description="",
-                oid="abc123",
-                pr_url=pr,
-            )
-
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "create_branch", create_branch)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.calls]
-
-    def kwargs(self, name: str) -> dict:
-        return next(kw for n, kw in self.calls if n == name)
+    use_fake_login(tmp_path, monkeypatch, FAKE_TOKEN)
 
 
 def run_cli(app, args: list[str]):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _hub_fakes import FakeHub, use_fake_login
 from _uptrain_fixtures import build_world, tiny_recipe
-from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.hf_api import CommitInfo, RepoUrl
+from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
 from gqa_uptrain import training
@@ -34,59 +34,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fake_login(tmp_path, monkeypatch):
-    """A known fake token in HF_TOKEN, and no login cache or OIDC that could supply a real one."""
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-
-
-class FakeHub:
-    """Records the HfApi calls; ``fail`` makes ``upload_folder`` raise it."""
-
-    def __init__(self, monkeypatch, fail: BaseException | None = None):
-        self.calls: list[tuple[str, dict]] = []
-        self.tokens: list[str | None] = []
-        self.fail = fail
-        self.uploaded: dict[str, bytes] = {}
-        hub = self
-
-        def create_repo(api, repo_id, **kw):
-            hub.calls.append(("create_repo", {"repo_id": repo_id, **kw}))
-            hub.tokens.append(api.token)
-            return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-        def create_branch(api, repo_id, **kw):
-            hub.calls.append(("create_branch", {"repo_id": repo_id, **kw}))
-
-        def upload_folder(api, **kw):
-            hub.calls.append(("upload_folder", kw))
-            hub.tokens.append(api.token)
-            if hub.fail is not None:
-                raise hub.fail
-            root = Path(kw["folder_path"])
-            hub.uploaded = {
-                p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()
-            }
-            return CommitInfo(
-                commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/abc123",
-                commit_message=kw.get("commit_message") or "",
-                commit_description="",
-                oid="abc123",
-            )
-
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "create_branch", create_branch)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.calls]
-
-    def kwargs(self, name: str) -> dict:
-        return next(kw for n, kw in self.calls if n == name)
+    use_fake_login(tmp_path, monkeypatch, FAKE_TOKEN)
 
 
 def write_recipe(world: Path, tmp_path: Path, **sections) -> tuple[Path, Path]:
@@ -127,7 +75,7 @@ def test_push_uploads_the_final_model_after_training(world, tmp_path, monkeypatc
     assert {"gqa", "uptrained"} <= set(card.data.tags)
     assert f"https://huggingface.co/{REPO_ID}" in text
     # The token went to HfApi and nowhere else: not printed, not logged (debug), not written.
-    assert hub.tokens and set(hub.tokens) == {FAKE_TOKEN}
+    assert hub.tokens and set(hub.tokens + hub.upload_tokens) == {FAKE_TOKEN}
     assert FAKE_TOKEN not in text and FAKE_TOKEN not in caplog.text
     assert files_containing(tmp_path, FAKE_TOKEN) == []
 
