@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -215,55 +214,10 @@ def test_cli_check_and_errors(world, tmp_path):
     assert (tmp_path / "run" / "model" / "config.json").is_file()
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process(world, reference, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo, CPU) with per-device batch 2 = the global batch 4 of the
-    single-process reference: same weights on both ranks and as the reference."""
-    if shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists():
-        pytest.skip("torchrun not installed")
-    ref_out, _ = reference
-    out = tmp_path / "run"
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(tiny_recipe(world, out, optim={"batch_size": 2})))
-    dump = tmp_path / "rank{rank}.pt"
-    script = tmp_path / "launch.py"
-    script.write_text(
-        "import sys, torch\n"
-        "from accelerate import PartialState\n"
-        "from gqa_uptrain.config import load_recipe\n"
-        "from gqa_uptrain import training\n"
-        "captured = {}\n"
-        "real = training._save_final_model\n"
-        "def spy(cfg, acc, model, *a, **k):\n"
-        "    captured.update({n: p.detach().clone() for n, p in acc.unwrap_model(model).named_parameters()})\n"
-        "    return real(cfg, acc, model, *a, **k)\n"
-        "training._save_final_model = spy\n"
-        "training.uptrain(load_recipe(sys.argv[1]))\n"
-        f"torch.save(captured, {str(dump)!r}.format(rank=PartialState().process_index))\n"
-    )
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(script), str(path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
-    assert_same_weights(r0, r1)  # DDP keeps ranks bit-identical
-    ref = weights(ref_out)
-    saved = weights(out)
-    assert_same_weights(saved, ref, atol=1e-5)
-    assert json.loads((out / "results.json").read_text())["processes"] == 2
-
-
 RANK_SPY = """
-# Loaded at start-up (this folder is first on PYTHONPATH) by the processes `accelerate launch` starts:
-# records each rank's trained weights and its distributed set-up when the final model is saved.
+# Loaded at start-up (this folder is first on PYTHONPATH) by the processes torchrun / `accelerate
+# launch` starts: records each rank's trained weights and its distributed set-up when the final
+# model is saved.
 import os
 
 if os.environ.get("LOCAL_RANK") is not None and os.environ.get("GQA_RANK_DUMP"):
@@ -285,15 +239,11 @@ if os.environ.get("LOCAL_RANK") is not None and os.environ.get("GQA_RANK_DUMP"):
 """
 
 
-@pytest.mark.slow
-def test_accelerate_launch_multi_cpu_config_matches_one_process(world, reference, tmp_path):
-    """`accelerate launch --config_file recipes/accelerate/multi-cpu.yaml -m gqa_uptrain.cli.uptrain`:
-    two gloo processes on the CPU with per-device batch 2 = the global batch 4 of the single-process
-    reference; both ranks end with the same weights, and those are the reference's."""
-    accelerate = Path(sys.executable).parent / "accelerate"
-    if not accelerate.exists():
-        pytest.skip("accelerate's launcher is not installed")
-    ref_out, _ = reference
+def run_two_ranks(launcher: list[str], world, tmp_path: Path) -> tuple[Path, str, list[dict]]:
+    """``LAUNCHER -m gqa_uptrain.cli.uptrain RECIPE`` with per-device batch 2 on two CPU processes.
+
+    Returns the run folder, the launcher's output and each rank's record (see ``RANK_SPY``).
+    """
     out = tmp_path / "run"
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(world, out, optim={"batch_size": 2})))
@@ -307,9 +257,8 @@ def test_accelerate_launch_multi_cpu_config_matches_one_process(world, reference
         "PYTHONPATH": os.pathsep.join([str(spy_dir), str(REPO)]),
         "GQA_RANK_DUMP": str(tmp_path / "rank{rank}.pt"),
     }
-    cmd = [str(accelerate), "launch", "--config_file", str(REPO / "recipes/accelerate/multi-cpu.yaml")]
     proc = subprocess.run(
-        [*cmd, "-m", "gqa_uptrain.cli.uptrain", str(path)],
+        [*launcher, "-m", "gqa_uptrain.cli.uptrain", str(path)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -317,7 +266,38 @@ def test_accelerate_launch_multi_cpu_config_matches_one_process(world, reference
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    return out, proc.stdout, [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(world, reference, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU) with per-device batch 2 = the global batch 4 of the
+    single-process reference: same weights on both ranks and as the reference."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed")
+    ref_out, _ = reference
+    out, _, ranks = run_two_ranks(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517"], world, tmp_path
+    )
+    assert_same_weights(ranks[0]["params"], ranks[1]["params"])  # DDP keeps ranks bit-identical
+    assert_same_weights(weights(out), weights(ref_out), atol=1e-5)
+    assert json.loads((out / "results.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+def test_accelerate_launch_multi_cpu_config_matches_one_process(world, reference, tmp_path):
+    """`accelerate launch --config_file recipes/accelerate/multi-cpu.yaml -m gqa_uptrain.cli.uptrain`:
+    two gloo processes on the CPU with per-device batch 2 = the global batch 4 of the single-process
+    reference; both ranks end with the same weights, and those are the reference's."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not accelerate.exists():
+        pytest.skip("accelerate's launcher is not installed")
+    ref_out, _ = reference
+    config = REPO / "recipes/accelerate/multi-cpu.yaml"
+    out, stdout, ranks = run_two_ranks(
+        [str(accelerate), "launch", "--config_file", str(config)], world, tmp_path
+    )
     for r in ranks:
         assert r["distributed_type"] == "DistributedType.MULTI_CPU" and r["backend"] == "gloo"
         assert r["processes"] == 2 and r["device"].startswith("cpu")
@@ -325,7 +305,7 @@ def test_accelerate_launch_multi_cpu_config_matches_one_process(world, reference
     assert_same_weights(weights(out), weights(ref_out), atol=1e-5)
     assert_same_weights(weights(out), ranks[0]["params"])
     assert json.loads((out / "results.json").read_text())["processes"] == 2
-    assert "2 process(es)" in proc.stdout and proc.stdout.count("held-out after") == 1  # rank 0 logs
+    assert "2 process(es)" in stdout and stdout.count("held-out after") == 1  # rank 0 logs
 
 
 def test_fsdp_or_deepspeed_launch_on_cpu_is_refused(world, tmp_path, monkeypatch):
