@@ -409,34 +409,36 @@ def _stream(
     copy_raw = getattr(reader, "copy_raw", None)
     total = sum(i.nbytes for u in units for i in u.infos)
 
-    def merged(u: _Unit) -> list[torch.Tensor]:
-        skip = _copyable_slots(u, merge, target_dtype) if copy_raw is not None else frozenset()
-        return _merge_unit(u, reader.read, config, merge, g, seed, skip)
-
     # Safetensors sources: the next attention module is read and merged in a worker thread while
     # this thread kernel-copies the tensors before it, so merging overlaps the disk instead of
     # adding to it (torch ops and copy_file_range release the GIL). One module ahead at most,
     # so memory stays bounded by two modules' K/V tensors. Other readers run in order.
     ahead = 1 if copy_raw is not None else 0
-    todo = [i for i, u in enumerate(units) if u.module is not None]
+    modules = [i for i, u in enumerate(units) if u.module is not None]
+    rank = {i: r for r, i in enumerate(modules)}
+    skips = {
+        i: _copyable_slots(units[i], merge, target_dtype) if copy_raw is not None else frozenset()
+        for i in modules
+    }
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="gqa-merge") as pool,
         ShardedWriter(folder, plan, shard_bytes) as writer,
         tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar,
     ):
         futures: dict[int, Future[list[torch.Tensor]]] = {}
+        submitted = 0  # modules[:submitted] have been handed to the worker
 
-        def schedule(upto: int) -> None:  # submit module units up to ``upto`` positions ahead
-            while todo and todo[0] <= upto:
-                i = todo.pop(0)
-                futures[i] = pool.submit(merged, units[i])
+        def submit_through(r: int) -> None:
+            nonlocal submitted
+            while submitted <= min(r, len(modules) - 1):
+                i = modules[submitted]
+                futures[i] = pool.submit(_merge_unit, units[i], reader.read, config, merge, g, seed, skips[i])
+                submitted += 1
 
-        module_rank = {i: r for r, i in enumerate(todo)}
-        modules = list(todo)
         for idx, u in enumerate(units):
             if u.module is None:
-                if ahead and todo and not futures:
-                    schedule(todo[0])  # the next module merges while this tensor copies
+                if ahead and not futures:
+                    submit_through(submitted)  # the next module merges while this tensor copies
                 (info,) = u.infos
                 if copy_raw is not None and _out_dtype(info.dtype, target_dtype) == info.dtype:
                     writer.write_with(info.name, lambda f, info=info: copy_raw(info, f))
@@ -444,11 +446,9 @@ def _stream(
                     t = reader.read(info)
                     writer.write(info.name, t.to(_out_dtype(t.dtype, target_dtype)))
             else:
-                r = module_rank[idx]
-                schedule(modules[min(r + ahead, len(modules) - 1)])
+                submit_through(rank[idx] + ahead)
                 outputs = iter(futures.pop(idx).result())
-                skip = _copyable_slots(u, merge, target_dtype) if copy_raw is not None else frozenset()
-                copied = {s.infos[0].name: s.infos[0] for s in u.slots if s.suffix in skip}
+                copied = {s.infos[0].name: s.infos[0] for s in u.slots if s.suffix in skips[idx]}
                 for p in _plan_unit(u, config, g, target_dtype):  # plan order, copies interleaved
                     if p.name in copied:
                         writer.write_with(p.name, lambda f, info=copied[p.name]: copy_raw(info, f))
