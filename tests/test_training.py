@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _assets import require_asset
 from _uptrain_fixtures import build_world, tiny_recipe
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -274,8 +275,7 @@ def test_two_processes_match_one_process(world, reference, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU) with per-device batch 2 = the global batch 4 of the
     single-process reference: same weights on both ranks and as the reference."""
     torchrun = Path(sys.executable).parent / "torchrun"
-    if not torchrun.exists():
-        pytest.skip("torchrun not installed")
+    require_asset(torchrun.exists(), "torchrun is not installed (it comes with torch)")
     ref_out, _ = reference
     out, _, ranks = run_two_ranks(
         [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517"], world, tmp_path
@@ -291,8 +291,7 @@ def test_accelerate_launch_multi_cpu_config_matches_one_process(world, reference
     two gloo processes on the CPU with per-device batch 2 = the global batch 4 of the single-process
     reference; both ranks end with the same weights, and those are the reference's."""
     accelerate = Path(sys.executable).parent / "accelerate"
-    if not accelerate.exists():
-        pytest.skip("accelerate's launcher is not installed")
+    require_asset(accelerate.exists(), "accelerate's launcher is not installed (pip install accelerate)")
     ref_out, _ = reference
     config = REPO / "recipes/accelerate/multi-cpu.yaml"
     out, stdout, ranks = run_two_ranks(
