@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 from _assets import require_asset
+from safetensors.torch import load_file, save_file
 from test_modeling import FAMILY_NAMES, FAMILY_SPECS, H, inputs, output, run_remote_code, tie_kv_heads
 
 from gqa_uptrain import convert
