@@ -4,7 +4,9 @@ The flow (every step bounded by one attention module's tensors in memory):
 
 1. resolve the source and read its config; find the family adapter (``architectures``);
 2. list tensors from the file headers and group each attention module's head-carrying tensors;
-3. check every such tensor's shape against the config, plan every output tensor's shape;
+3. check every such tensor's shape against the config, plan every output tensor's shape (the
+   whole plan, output size included, is known before any tensor data is read:
+   :func:`plan_conversion`, ``gqa-convert --dry-run``), and check the output's disk has room;
 4. stream: pass-through tensors are copied byte for byte, attention modules are read, unpacked
    into head blocks, merged by the method, packed and written, into a temporary folder;
 5. write config, tokenizer, generation config, model card (and modelling code for families
@@ -34,12 +36,25 @@ from .architectures.base import AttentionDims
 from .checkpoint import TOKENIZER_FILES, Source, TensorInfo, dtype_itemsize, iter_tensor_groups, open_source
 from .errors import CheckpointError, ConfigError
 from .merging import MergeContext, MergeMethod
-from .outputs import atomic_output_dir, check_output_dir
-from .writer import PlannedTensor, ShardedWriter, parse_size
+from .outputs import (
+    atomic_output_dir,
+    check_free_space,
+    check_output_dir,
+    clean_stale_siblings,
+    tree_bytes,
+)
+from .writer import PlannedTensor, ShardedWriter, parse_size, planned_files
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Room for what is written besides the shards and is not known exactly in advance: config.json,
+# generation_config.json and the model card (kilobytes).
+_SMALL_FILES_MARGIN = 1 << 20
+# A GGUF source's tokenizer is rebuilt from its metadata, so its size is unknown up front;
+# Llama-3's tokenizer.json (128k tokens) is 9 MB.
+_GGUF_TOKENIZER_MARGIN = 32 << 20
 
 
 @dataclass
@@ -77,6 +92,60 @@ class ConversionResult:
         d = asdict(self)
         d["kv_reduction"] = self.kv_reduction
         return d
+
+
+@dataclass
+class ConversionPlan:
+    """What a conversion will write, known from the source's tensor headers before any data is read.
+
+    :func:`plan_conversion` returns it (``gqa-convert --dry-run`` prints it); :func:`convert`
+    follows it tensor by tensor. The merge method does not change any shape, so the plan does
+    not depend on it.
+    """
+
+    source: str
+    architecture: str
+    model_type: str
+    num_heads: int
+    num_kv_heads_before: int
+    num_kv_heads_after: int
+    head_dim: int
+    converted_modules: int
+    params_before: int
+    params_after: int
+    kv_bytes_per_token_before: int
+    kv_bytes_per_token_after: int
+    dtype: str
+    input_bytes: int
+    """Bytes of tensor data in the source."""
+    tensors: list[PlannedTensor]
+    """Every output tensor's name, shape and dtype, in the order it is written."""
+    shards: list[tuple[str, int]]
+    """Every output weights file (shards and index) with its exact size in bytes."""
+    support_bytes: int = 0
+    """Room kept for config, tokenizer, generation config, model card and modelling code."""
+    needs_trust_remote_code: bool = False
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of output tensor data."""
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def weights_bytes(self) -> int:
+        """Exact size of the output weights files (tensor data, headers and index)."""
+        return sum(size for _, size in self.shards)
+
+    @property
+    def output_bytes(self) -> int:
+        """The disk space the whole output folder needs (weights plus :attr:`support_bytes`)."""
+        return self.weights_bytes + self.support_bytes
+
+    @property
+    def kv_reduction(self) -> float:
+        """Fraction of the KV cache saved, 0..1."""
+        b = self.kv_bytes_per_token_before
+        return 0.0 if not b else 1 - self.kv_bytes_per_token_after / b
 
 
 @dataclass
@@ -283,72 +352,63 @@ def convert(
 
     Returns:
         A :class:`ConversionResult` with head counts, parameter counts and KV-cache sizes.
+
+    Raises:
+        GQAError: bad input, an existing ``output`` without ``overwrite``, or
+            :class:`~gqa_uptrain.errors.DiskFullError` when ``output``'s disk has less room than
+            the planned output (checked before writing) or fills up while writing (the partial
+            output is removed). Nothing at ``output`` changes unless the conversion completes.
     """
     t0 = time.perf_counter()
     merge = _merge_method(method, calibration, calibration_tokens, calibration_seq_len, grouping, progress)
-    target_dtype = None
-    if dtype is not None:
-        if dtype not in DTYPES:
-            raise ConfigError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
-        target_dtype = DTYPES[dtype]
+    target_dtype = _target_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     check_output_dir(output, overwrite)
 
     src = open_source(source, revision=revision, token=token, gguf_file=gguf_file, allow_pickle=allow_pickle)
     try:
         config = src.config
-        arch = get_architecture(config)
-        dims = arch.check_config(config)
-        dims.check_target(num_kv_heads)
-        infos = src.reader.infos()
-        units = _group_units(arch, infos)
-        modules = [u for u in units if u.module is not None]
-        for u in modules:
-            _check_shapes(u, config)
-        n_converted = len({u.module_name for u in modules if u.module.convert})  # type: ignore[union-attr]
-        if n_converted == 0:
-            raise CheckpointError(
-                f"no attention tensors of the {arch.name} layout found in {src.name}; "
-                "the weights do not match config.json's model_type"
-            )
-
-        plan = [t for u in units for t in _plan_unit(u, config, num_kv_heads, target_dtype)]
+        planned, arch, units = _plan(src, num_kv_heads, dtype, shard_bytes)
+        plan = planned.tensors
+        # Before the calibration (minutes) and before a byte is written: a disk too small to hold
+        # the output is refused now, with the numbers, not with ENOSPC after gigabytes.
+        _check_output_room(output, planned)
         prepare = getattr(merge, "prepare", None)
         if prepare is not None:  # methods that calibrate on the source model before streaming
             prepare(src, num_kv_heads)
 
         out_config = arch.output_config(config, num_kv_heads)
-        dtype_name = dtype or _dtype_name(config, infos)
         if dtype:
             out_config["dtype"] = dtype
             if "torch_dtype" in out_config:
                 out_config["torch_dtype"] = dtype
-        itemsize = dtype_itemsize(DTYPES.get(dtype_name, torch.float32))
         result = ConversionResult(
             output=str(Path(output).absolute()),
-            source=src.name,
-            architecture=arch.name,
-            model_type=str(config.get("model_type")),
+            source=planned.source,
+            architecture=planned.architecture,
+            model_type=planned.model_type,
             method=merge.name,
-            num_heads=dims.num_heads,
-            num_kv_heads_before=dims.num_kv_heads,
+            num_heads=planned.num_heads,
+            num_kv_heads_before=planned.num_kv_heads_before,
             num_kv_heads_after=num_kv_heads,
-            head_dim=dims.head_dim,
-            converted_modules=n_converted,
-            params_before=sum(i.nbytes // dtype_itemsize(i.dtype) for i in infos),
-            params_after=sum(p.nbytes // dtype_itemsize(p.dtype) for p in plan),
-            kv_bytes_per_token_before=arch.kv_cache_bytes_per_token(config, None, itemsize),
-            kv_bytes_per_token_after=arch.kv_cache_bytes_per_token(config, num_kv_heads, itemsize),
-            dtype=dtype_name,
+            head_dim=planned.head_dim,
+            converted_modules=planned.converted_modules,
+            params_before=planned.params_before,
+            params_after=planned.params_after,
+            kv_bytes_per_token_before=planned.kv_bytes_per_token_before,
+            kv_bytes_per_token_after=planned.kv_bytes_per_token_after,
+            dtype=planned.dtype,
             seconds=0.0,
-            needs_trust_remote_code=not arch.native,
+            needs_trust_remote_code=planned.needs_trust_remote_code,
             command=command,
         )
         notes = getattr(merge, "card_notes", None)
         if notes is not None:  # methods may describe themselves in the model card
             result.extra["card_notes"] = list(notes())
 
-        with atomic_output_dir(output, overwrite) as tmp:
+        # The space is checked again here: the calibration may have taken minutes, and other
+        # writers may have used the disk meanwhile.
+        with atomic_output_dir(output, overwrite, needed_bytes=planned.output_bytes) as tmp:
             _stream(
                 src, units, plan, tmp, shard_bytes, config, merge, num_kv_heads, seed, target_dtype, progress
             )
@@ -363,6 +423,124 @@ def convert(
     result.seconds = time.perf_counter() - t0
     logger.info("converted %s to %d K/V heads in %.1fs: %s", src.name, num_kv_heads, result.seconds, output)
     return result
+
+
+def plan_conversion(
+    source: str | os.PathLike,
+    num_kv_heads: int,
+    *,
+    output: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    revision: str | None = None,
+    token: str | bool | None = None,
+    gguf_file: str | None = None,
+    allow_pickle: bool = False,
+) -> ConversionPlan:
+    """Plan the conversion :func:`convert` would run, from the tensor headers only.
+
+    Reads the config and the safetensors headers (no tensor data), checks them exactly as
+    :func:`convert` does, and returns every output tensor's name, shape and dtype, the output
+    files and their sizes, and the KV-cache saving. With ``output`` it also runs the checks made
+    before anything is written (an existing output without ``overwrite``, the free disk space), so
+    a plan that comes back means the conversion would start. Writes nothing. A Hub ``source`` is
+    downloaded first, as for :func:`convert`.
+
+    Args are as for :func:`convert`.
+
+    Raises:
+        GQAError: anything :func:`convert` would refuse before writing.
+    """
+    _target_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size)
+    if output is not None:
+        check_output_dir(output, overwrite)
+    src = open_source(source, revision=revision, token=token, gguf_file=gguf_file, allow_pickle=allow_pickle)
+    try:
+        planned, _, _ = _plan(src, num_kv_heads, dtype, shard_bytes)
+    finally:
+        src.close()
+    if output is not None:
+        _check_output_room(output, planned, clean=False)
+    return planned
+
+
+def _target_dtype(dtype: str | None) -> torch.dtype | None:
+    """The dtype ``--dtype`` casts floating tensors to (None: keep), refusing unknown names."""
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _plan(
+    src: Source, num_kv_heads: int, dtype: str | None, shard_bytes: int
+) -> tuple[ConversionPlan, Architecture, list[_Unit]]:
+    """Check ``src`` against its config and plan every output tensor and file (headers only)."""
+    target_dtype = _target_dtype(dtype)
+    config = src.config
+    arch = get_architecture(config)
+    dims = arch.check_config(config)
+    dims.check_target(num_kv_heads)
+    infos = src.reader.infos()
+    units = _group_units(arch, infos)
+    modules = [u for u in units if u.module is not None]
+    for u in modules:
+        _check_shapes(u, config)
+    n_converted = len({u.module_name for u in modules if u.module.convert})  # type: ignore[union-attr]
+    if n_converted == 0:
+        raise CheckpointError(
+            f"no attention tensors of the {arch.name} layout found in {src.name}; "
+            "the weights do not match config.json's model_type"
+        )
+    tensors = [t for u in units for t in _plan_unit(u, config, num_kv_heads, target_dtype)]
+    dtype_name = dtype or _dtype_name(config, infos)
+    itemsize = dtype_itemsize(DTYPES.get(dtype_name, torch.float32))
+    planned = ConversionPlan(
+        source=src.name,
+        architecture=arch.name,
+        model_type=str(config.get("model_type")),
+        num_heads=dims.num_heads,
+        num_kv_heads_before=dims.num_kv_heads,
+        num_kv_heads_after=num_kv_heads,
+        head_dim=dims.head_dim,
+        converted_modules=n_converted,
+        params_before=sum(i.nbytes // dtype_itemsize(i.dtype) for i in infos),
+        params_after=sum(p.nbytes // dtype_itemsize(p.dtype) for p in tensors),
+        kv_bytes_per_token_before=arch.kv_cache_bytes_per_token(config, None, itemsize),
+        kv_bytes_per_token_after=arch.kv_cache_bytes_per_token(config, num_kv_heads, itemsize),
+        dtype=dtype_name,
+        input_bytes=sum(i.nbytes for i in infos),
+        tensors=tensors,
+        shards=planned_files(tensors, shard_bytes),
+        support_bytes=_support_bytes(src, arch),
+        needs_trust_remote_code=not arch.native,
+    )
+    return planned, arch, units
+
+
+def _support_bytes(src: Source, arch: Architecture) -> int:
+    """Disk room for the files written besides the weights (see :func:`_write_support_files`)."""
+    n = _SMALL_FILES_MARGIN
+    if src.gguf_file is not None:
+        n += _GGUF_TOKENIZER_MARGIN
+    else:
+        n += sum(p.stat().st_size for p in (src.folder / f for f in TOKENIZER_FILES) if p.is_file())
+    if arch.remote_code is not None:
+        n += sum(Path(p).stat().st_size for p in arch.remote_code.files())
+    return n
+
+
+def _check_output_room(output: str | os.PathLike, planned: ConversionPlan, clean: bool = True) -> None:
+    """Remove stale temporary outputs (their space counts), then refuse a disk without room.
+
+    With ``clean=False`` (a dry run, which writes nothing) they are reported and counted as free.
+    """
+    stale = clean_stale_siblings(output, remove=clean)
+    reclaimable = 0 if clean else sum(tree_bytes(p) for p in stale)
+    check_free_space(output, planned.output_bytes, "the converted checkpoint", reclaimable=reclaimable)
 
 
 def _merge_method(

@@ -24,3 +24,10 @@ class ConfigError(GQAError):
 
 class OutputExistsError(GQAError):
     """The output location already holds something that would be overwritten."""
+
+
+class DiskFullError(GQAError, OSError):
+    """The output's filesystem has (or ran out of) less free space than the output needs.
+
+    Also an :class:`OSError`, so code that already handles write failures keeps catching it.
+    """

@@ -59,7 +59,9 @@ class GGUFReader:
     def read(self, info: TensorInfo) -> torch.Tensor:
         t = self._tensors[info.name]
         w = self._dequantize(t.data, t.tensor_type)
-        w = self._processor.process(weights=w, name=t.name, tensor_key_mapping=self._names, parsed_parameters={}).weights
+        w = self._processor.process(
+            weights=w, name=t.name, tensor_key_mapping=self._names, parsed_parameters={}
+        ).weights
         # Unquantized GGUF tensors come back as read-only views of the mmap: copy those.
         w = np.ascontiguousarray(w, dtype=np.float32)
         if not w.flags.writeable:

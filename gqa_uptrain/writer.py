@@ -23,6 +23,7 @@ from .checkpoint import DTYPE_NAMES, dtype_itemsize
 from .errors import ConfigError
 
 _ALIGN = 8  # safetensors pads the header so data starts 8-byte aligned
+_METADATA = {"format": "pt"}  # what transformers' save_pretrained records; its loader checks it
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,41 @@ def _header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str]) -> byt
     return len(raw).to_bytes(8, "little") + raw
 
 
+def _shard_filenames(n: int, prefix: str = "model") -> list[str]:
+    return (
+        [f"{prefix}.safetensors"]
+        if n == 1
+        else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+
+
+def _index_bytes(shards: list[list[PlannedTensor]], filenames: list[str]) -> bytes:
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for s in shards for t in s)},
+        "weight_map": {t.name: filenames[i] for i, s in enumerate(shards) for t in s},
+    }
+    return (json.dumps(index, indent=2) + "\n").encode()
+
+
+def planned_files(
+    plan: list[PlannedTensor], max_shard_size: int, prefix: str = "model"
+) -> list[tuple[str, int]]:
+    """The files :class:`ShardedWriter` will write for ``plan``, each with its exact size in bytes.
+
+    Known before any tensor is computed (headers and index included), so a caller can check the
+    disk has room, or show a user what a conversion will write, without writing anything.
+    """
+    shards = plan_shards(plan, max_shard_size)
+    names = _shard_filenames(len(shards), prefix)
+    files = [
+        (name, len(_header_bytes(shard, _METADATA)) + sum(t.nbytes for t in shard))
+        for name, shard in zip(names, shards, strict=True)
+    ]
+    if len(shards) > 1:
+        files.append((f"{prefix}.safetensors.index.json", len(_index_bytes(shards, names))))
+    return files
+
+
 class ShardedWriter:
     """Write planned tensors, in plan order, into ``folder`` as (sharded) safetensors.
 
@@ -105,12 +141,7 @@ class ShardedWriter:
     def __init__(self, folder: Path, plan: list[PlannedTensor], max_shard_size: int, prefix: str = "model"):
         self.folder = folder
         self.shards = plan_shards(plan, max_shard_size)
-        n = len(self.shards)
-        self.filenames = (
-            [f"{prefix}.safetensors"]
-            if n == 1
-            else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
+        self.filenames = _shard_filenames(len(self.shards), prefix)
         self.prefix = prefix
         self._queue = [(si, t) for si, shard in enumerate(self.shards) for t in shard]
         self._pos = 0
@@ -139,7 +170,7 @@ class ShardedWriter:
                 self._file.close()
             self._shard = si
             self._file = open(self.folder / self.filenames[si], "wb")  # noqa: SIM115 - closed on next/exit
-            self._file.write(_header_bytes(self.shards[si], {"format": "pt"}))
+            self._file.write(_header_bytes(self.shards[si], _METADATA))
         self._pos += 1
         return self._file, planned  # type: ignore[return-value]
 
@@ -168,8 +199,6 @@ class ShardedWriter:
             missing = self._queue[self._pos][1].name
             raise RuntimeError(f"writer closed before tensor {missing!r} was written")
         if len(self.shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(t.nbytes for s in self.shards for t in s)},
-                "weight_map": {t.name: self.filenames[i] for i, s in enumerate(self.shards) for t in s},
-            }
-            (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            (self.folder / f"{self.prefix}.safetensors.index.json").write_bytes(
+                _index_bytes(self.shards, self.filenames)
+            )

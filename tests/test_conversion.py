@@ -149,7 +149,9 @@ def test_sharded_input_and_output(make_model, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in all_tensors(out).values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in all_tensors(out).values()
+    )
     torch.testing.assert_close(logits(load(out)), logits(model), rtol=1e-5, atol=1e-5)
 
 
@@ -196,7 +198,13 @@ def test_output_folder_is_complete(make_model, tmp_path):
     (src / "chat_template.jinja").write_text("{{ messages }}")
     result = convert(src, tmp_path / "out", 1, command="gqa-convert src out -g 1", progress=False)
     out = tmp_path / "out"
-    for f in ("config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja", "README.md"):
+    for f in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "README.md",
+    ):
         assert (out / f).is_file(), f
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers"

@@ -6,7 +6,7 @@ import shlex
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -17,12 +17,16 @@ from ..grouping import GROUPINGS
 from ..merging import METHODS
 from ._common import console, main_for, make_app, run_command, setup_logging
 
+if TYPE_CHECKING:
+    from ..conversion import ConversionPlan
+
 app = make_app(
     "Convert a multi-head-attention checkpoint to grouped-query attention by merging the key/value "
     "heads of each attention layer into [bold]--num-kv-heads[/] groups (Ainslie et al. 2023).\n\n"
     "Tensors stream one at a time from SOURCE into sharded safetensors, so memory stays at a few "
     "tensors whatever the model size. OUTPUT is written to a temporary folder beside it and renamed "
-    "into place only when complete."
+    "into place only when complete; a disk without room for it is refused before anything is written. "
+    "[bold]--dry-run[/] shows what would be written, from the tensor headers alone."
 )
 
 Method = Enum("Method", {name: name for name in METHODS}, type=str)  # type: ignore[misc]
@@ -154,6 +158,17 @@ def convert(
             show_default=False,
         ),
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Plan the conversion from SOURCE's tensor headers without reading tensor data or writing "
+            "anything: check SOURCE, --num-kv-heads, OUTPUT and its free disk space as a real run would, "
+            "and show the head counts, KV-cache saving and the files and bytes it would write. Takes "
+            "seconds whatever the model size (a Hub SOURCE is still downloaded first).",
+            rich_help_panel=IO,
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
@@ -161,6 +176,25 @@ def convert(
     setup_logging(verbose)
     from ..conversion import convert as run
 
+    if dry_run:
+        from ..conversion import plan_conversion
+
+        plan = run_command(
+            lambda: plan_conversion(
+                source,
+                num_kv_heads,
+                output=output,
+                overwrite=overwrite,
+                dtype=dtype.value if dtype else None,
+                max_shard_size=max_shard_size,
+                revision=revision,
+                gguf_file=gguf_file,
+                allow_pickle=allow_pickle,
+            )
+        )
+        if not quiet:
+            _print_plan(plan, output)
+        return
     command = "gqa-convert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     # With calibration data, aligned is the better method (results/merging.md): make it the default.
     method_name = method.value if method else ("aligned" if calibration else "mean")
@@ -216,6 +250,41 @@ def convert(
             f"[yellow]{result.architecture} has no GQA in transformers:[/] load with trust_remote_code=True "
             "(or import gqa_uptrain first)."
         )
+
+
+def _print_plan(plan: ConversionPlan, output: Path) -> None:
+    """``--dry-run``'s report: head counts, KV cache, and the files and bytes a run would write."""
+    from ..outputs import format_bytes, free_bytes
+
+    table = Table(
+        title=f"dry run: {plan.architecture}: {plan.num_kv_heads_before} → {plan.num_kv_heads_after} K/V heads"
+    )
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("query heads", str(plan.num_heads), str(plan.num_heads))
+    table.add_row("K/V heads", str(plan.num_kv_heads_before), str(plan.num_kv_heads_after))
+    table.add_row("parameters", f"{plan.params_before:,}", f"{plan.params_after:,}")
+    table.add_row("tensor data", format_bytes(plan.input_bytes), format_bytes(plan.tensor_bytes))
+    table.add_row(
+        f"KV cache / token ({plan.dtype})",
+        format_bytes(plan.kv_bytes_per_token_before),
+        format_bytes(plan.kv_bytes_per_token_after),
+    )
+    console.print(table)
+    if len(plan.shards) <= 4:
+        files = ", ".join(f"{name} ({format_bytes(size)})" for name, size in plan.shards)
+    else:  # a 70B model has dozens of shards: summarise them
+        largest = max(size for _, size in plan.shards)
+        files = f"{len(plan.shards) - 1} shards of up to {format_bytes(largest)} and {plan.shards[-1][0]}"
+    console.print(f"would write {len(plan.tensors)} tensors to {files}", highlight=False)
+    free = free_bytes(output.absolute().parent)
+    console.print(
+        f"KV cache {100 * plan.kv_reduction:.1f}% smaller · OUTPUT needs {format_bytes(plan.output_bytes)}"
+        + (f" of {format_bytes(free)} free" if free is not None else "")
+        + f" · nothing written to [bold]{output}[/]",
+        highlight=False,
+    )
 
 
 main = main_for(app)
