@@ -14,6 +14,7 @@ What users rely on:
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from transformers import DynamicCache
+from transformers import DynamicCache, EncoderDecoderCache
 
 from gqa_uptrain.modeling import FAMILIES, get_family, register_auto_classes
 from gqa_uptrain.modeling.gqa_attention import (
@@ -436,11 +437,120 @@ def test_generation_with_reduced_cache_matches_no_cache(name):
     cached = model.generate(**batch, return_dict_in_generate=True, **kw)
     uncached = model.generate(**batch, use_cache=False, **kw)
     assert torch.equal(cached.sequences, uncached)
-    cache = cached.past_key_values
-    caches = [cache.self_attention_cache, cache.cross_attention_cache] if fam.seq2seq else [cache]
-    for c in caches:
+    cache = output_cache(cached)
+    # generate() caches every token it fed the model: all but the last one it produced.
+    fed = cached.sequences.shape[1] - 1
+    if fam.seq2seq:  # the decoder's own tokens, and the encoder's for cross-attention
+        expected = [(cache.self_attention_cache, fed), (cache.cross_attention_cache, 6)]
+    else:
+        expected = [(cache, fed)]
+    for c, tokens in expected:
+        assert len(c.layers) == 2
         for layer in c.layers:
-            assert layer.keys.shape[1] == 2 and layer.values.shape[1] == 2  # G heads, not H
+            assert layer.keys.shape == layer.values.shape == (2, 2, tokens, D)  # [B, G, S, d]: G, not H
+
+
+def output_cache(out):
+    """The cache of a model or generate output (``cache`` from transformers 5.24, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def cache_kwarg(model) -> str:
+    """The keyword under which this transformers' model ``forward`` takes a cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def decoder_model(name: str, groups: int = 2):
+    """A GQA model of the family that decodes with a cache (BERT: the bare model as a causal decoder)."""
+    fam = FAMILY_SPECS[name]
+    extra = dict(is_decoder=True) if name == "bert" else {}
+    return fam.gqa_cls()(fam.gqa_config(groups, **extra)).eval()
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+@torch.no_grad()
+def test_incremental_decoding_fills_and_reads_the_reduced_cache(name):
+    """Regression (transformers 5.24 renamed the cache keyword): a forward with a cache must use it.
+
+    Decoding the prompt and then one token at a time with a ``DynamicCache`` must give the full pass's
+    outputs (so each step read the cached prefix) and leave G heads and every token in the cache (so
+    each step wrote it). A cache silently dropped by the attention module fails both.
+    """
+    fam = FAMILY_SPECS[name]
+    torch.manual_seed(0)
+    model = decoder_model(name)
+    key = cache_kwarg(model)
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    if fam.seq2seq:
+        enc = ids[:, :6]
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        full = model(input_ids=enc, decoder_input_ids=ids).logits
+        steps = [model(input_ids=enc, decoder_input_ids=ids[:, :5], use_cache=True, **{key: cache}).logits]
+        for t in range(5, 8):
+            step = model(input_ids=enc, decoder_input_ids=ids[:, t : t + 1], use_cache=True, **{key: cache})
+            steps.append(step.logits)
+        expected = [(cache.self_attention_cache, 8), (cache.cross_attention_cache, 6)]
+    else:
+        cache = DynamicCache()
+        full = output(model, {"input_ids": ids})
+        steps = [output(model, {"input_ids": ids[:, :5], "use_cache": True, key: cache})]
+        for t in range(5, 8):
+            steps.append(output(model, {"input_ids": ids[:, t : t + 1], "use_cache": True, key: cache}))
+        expected = [(cache, 8)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    for c, tokens in expected:
+        assert len(c.layers) == 2
+        for layer in c.layers:
+            assert layer.keys.shape == layer.values.shape == (2, 2, tokens, D)  # [B, G, S, d]
+
+
+def _first_gqa_self_attention(model, name: str):
+    """The first layer's GQA self-attention module, called as its stock caller calls it, but for the cache."""
+    attn = next(m for m in model.modules() if type(m).__name__.endswith(("GQAAttention", "GQASelfAttention")))
+
+    def call(x: torch.Tensor, start: int = 0, **cache_kwarg) -> torch.Tensor:
+        extra = {"mask" if name == "t5" else "attention_mask": None}
+        if name == "gpt_neox":  # positions start..start+T-1
+            positions = torch.arange(start, start + x.shape[1])[None]
+            extra["position_embeddings"] = model.gpt_neox.rotary_emb(x, positions)
+        return attn(x, **extra, **cache_kwarg)[0]
+
+    return attn, call
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+@torch.no_grad()
+def test_attention_module_takes_the_cache_under_any_keyword(name):
+    """``cache=`` (transformers >= 5.24), ``past_key_values=`` (5.0 - 5.23), ``layer_past=`` (GPT-NeoX) or a
+    ``Cache`` under a name transformers may use next: the module updates it with G heads; two caches raise.
+    """
+    torch.manual_seed(0)
+    attn, call = _first_gqa_self_attention(decoder_model(name), name)
+    x = torch.randn(1, 3, H * D, generator=torch.Generator().manual_seed(2))
+    no_cache = call(x)
+    for keyword in ("cache", "past_key_values", "layer_past", "kv_cache_of_the_future"):
+        cache = DynamicCache()
+        torch.testing.assert_close(call(x, **{keyword: cache}), no_cache, atol=1e-6, rtol=1e-6)
+        assert cache.layers[attn.layer_idx].keys.shape == (1, 2, 3, D), keyword  # [B, G, S, d]
+        call(x[:, :1], start=3, **{keyword: cache})  # the next token is appended to the same cache
+        assert cache.get_seq_length(attn.layer_idx) == 4, keyword
+    with pytest.raises(GroupedQueryAttentionError, match="2 different KV caches"):
+        call(x, cache=DynamicCache(), past_key_values=DynamicCache())
+
+
+def test_core_module_takes_the_cache_as_cache_or_past_key_values():
+    torch.manual_seed(0)
+    attn = GroupedQueryAttention(32, 4, 2, rope_theta=10000.0).eval()
+    x = torch.randn(1, 4, 32)
+    by_name = {}
+    for keyword in ("cache", "past_key_values"):
+        cache = DynamicCache()
+        by_name[keyword] = attn(x, **{keyword: cache})[0]
+        assert cache.layers[0].keys.shape == (1, 2, 4, 8)
+    torch.testing.assert_close(by_name["cache"], by_name["past_key_values"])
+    with pytest.raises(GroupedQueryAttentionError, match="different KV caches"):
+        attn(x, cache=DynamicCache(), past_key_values=DynamicCache())
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -522,6 +632,8 @@ except ImportError:
     pass
 else:
     raise SystemExit("gqa_uptrain is importable")
+if sys.argv[2] not in sys.path:  # the transformers under test (e.g. an older one on PYTHONPATH)
+    sys.path.insert(0, sys.argv[2])
 import torch, transformers
 transformers.logging.set_verbosity_error()
 jobs = json.loads(sys.argv[1])
@@ -535,7 +647,23 @@ for job in jobs:
     out = out.logits if hasattr(out, "logits") else out.last_hidden_state
     kv = [m.num_key_value_heads for m in model.modules() if hasattr(m, "num_key_value_groups")]
     torch.save(out, job["output"])
-    results[job["folder"]] = {"module": type(model).__module__, "class": type(model).__name__, "kv": kv}
+    results[job["folder"]] = {
+        "module": type(model).__module__, "class": type(model).__name__, "kv": kv,
+        "transformers": transformers.__version__,
+    }
+    if job.get("generates"):  # the shipped copy must fill the cache it is given
+        batch.pop("decoder_input_ids", None)
+        gen = model.generate(
+            **batch, do_sample=False, max_new_tokens=3, min_new_tokens=3, pad_token_id=0,
+            return_dict_in_generate=True,
+        )
+        cache = getattr(gen, "cache", None)
+        cache = gen.past_key_values if cache is None else cache
+        cache = getattr(cache, "self_attention_cache", cache)
+        results[job["folder"]]["generated"] = gen.sequences.shape[1]
+        results[job["folder"]]["cache"] = [
+            None if getattr(layer, "keys", None) is None else list(layer.keys.shape) for layer in cache.layers
+        ]
 print(json.dumps(results))
 """
 
@@ -544,8 +672,11 @@ def run_remote_code(jobs: list[dict], tmp_path: Path) -> dict:
     """Load each job's folder with trust_remote_code in a subprocess where gqa_uptrain is not importable.
 
     ``-I`` drops the current directory and PYTHON* variables from the path; the script also blocks the
-    package in ``sys.modules`` in case it is installed in the environment (editable install).
+    package in ``sys.modules`` in case it is installed in the environment (editable install). The folder
+    holding the transformers imported here goes first on the subprocess's path, so that the remote code
+    runs on the transformers under test even when that comes from ``PYTHONPATH``.
     """
+    transformers_home = str(Path(transformers.__file__).resolve().parent.parent)
     modules = tmp_path / "hf_modules"
     env = {
         "HF_MODULES_CACHE": str(modules),
@@ -554,7 +685,7 @@ def run_remote_code(jobs: list[dict], tmp_path: Path) -> dict:
         "HOME": str(tmp_path),
     }
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", textwrap.dedent(REMOTE_SCRIPT), json.dumps(jobs)],
+        [sys.executable, "-I", "-c", textwrap.dedent(REMOTE_SCRIPT), json.dumps(jobs), transformers_home],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -584,14 +715,19 @@ def test_saved_models_load_with_remote_code_alone(tmp_path):
                 auto_class=fam.auto_class,
                 inputs=str(tmp_path / f"{name}-in.pt"),
                 output=str(tmp_path / f"{name}-out.pt"),
+                generates=fam.generates,
             )
         )
     results = run_remote_code(jobs, tmp_path)
     for job in jobs:
         info = results[job["folder"]]
         assert info["module"].startswith("transformers_modules"), info
+        assert info["transformers"] == transformers.__version__, info
         assert info["kv"] and set(info["kv"]) == {2}
         assert torch.equal(torch.load(job["output"]), expected[job["folder"]])
+        if job["generates"]:
+            # G heads, and every token generate() fed the model (all but the last one it produced)
+            assert info["cache"] == [[2, 2, info["generated"] - 1, D]] * 2, info
 
 
 @pytest.mark.parametrize("groups", [4, 2])

@@ -17,7 +17,8 @@ imports only torch and transformers (and siblings by relative import).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ __all__ = [
     "eager_grouped_attention",
     "gqa_attention_interface",
     "replace_modules",
+    "resolve_cache",
     "sdpa_grouped_attention",
 ]
 
@@ -245,6 +247,43 @@ def gqa_attention_interface(
 # Model surgery shared by the family variants.
 # --------------------------------------------------------------------------------------------------
 
+# Every keyword under which a transformers release has handed a layer's KV cache to its attention
+# module: ``past_key_values`` (5.0 - 5.23), ``cache`` (5.24 on), ``layer_past`` (GPT-NeoX),
+# ``past_key_value`` (4.x).
+CACHE_KEYWORDS = ("cache", "past_key_values", "layer_past", "past_key_value")
+
+
+def resolve_cache(kwargs: MutableMapping[str, Any], *named: Any) -> Cache | None:
+    """Return the layer's KV cache, whatever keyword the calling stock layer passed it under.
+
+    ``named`` are the values of the forward's own cache parameters; ``kwargs`` is its ``**kwargs``, from
+    which every cache keyword of :data:`CACHE_KEYWORDS` and every ``Cache`` instance under any other
+    keyword is removed (so that no cache reaches the attention kernels as a stray keyword).
+
+    Why not just name the parameter the way the current transformers does: the stock decoder layer that
+    calls our attention module is transformers' code, and transformers renamed the keyword
+    (``past_key_values`` -> ``cache`` in 5.24). A forward that names one keyword sends the other into
+    ``**kwargs``, where it is silently ignored: generation then runs without a cache, recomputing the
+    prefix every step. Accepting every known name, and any ``Cache`` instance under an unknown one, means
+    a future rename still reaches the cache; two different caches in one call raise rather than one of
+    them being dropped.
+    """
+    found: dict[int, Any] = {}
+    for value in named:
+        if value is not None:
+            found[id(value)] = value
+    for key in list(kwargs):
+        if key in CACHE_KEYWORDS or isinstance(kwargs[key], Cache):
+            value = kwargs.pop(key)
+            if value is not None:
+                found[id(value)] = value
+    if len(found) > 1:
+        kinds = ", ".join(type(v).__name__ for v in found.values())
+        raise GroupedQueryAttentionError(
+            f"the attention module received {len(found)} different KV caches ({kinds}); pass exactly one"
+        )
+    return next(iter(found.values()), None)
+
 
 def replace_modules(
     root: nn.Module,
@@ -413,15 +452,19 @@ class GroupedQueryAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        *,
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend ``hidden_states`` [B, T, C] to itself (and to the cached past).
 
         ``attention_mask``: [B, S] padding mask over past + current tokens (1 = keep), or a 4-D boolean
         (True = attend) / additive mask broadcastable to [B, H, T, S]. ``position_ids`` [B or 1, T] default to
-        the positions after the cached tokens. ``past_key_values``: a transformers ``Cache`` (e.g.
-        ``DynamicCache()``) updated in place with this layer's ``G`` K/V heads.
+        the positions after the cached tokens. ``past_key_values`` (or, as transformers >= 5.24 names it,
+        ``cache``): a transformers ``Cache`` (e.g. ``DynamicCache()``) updated in place with this layer's
+        ``G`` K/V heads.
         Returns the output [B, T, C] and, for eager, the attention probabilities [B, H, T, S].
         """
+        past_key_values = resolve_cache({}, past_key_values, cache)
         bsz, q_len, _ = hidden_states.shape
         past_len = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
 

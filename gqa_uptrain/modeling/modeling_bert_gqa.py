@@ -34,7 +34,7 @@ from transformers.models.bert.modeling_bert import (
     BertSelfAttention,
 )
 
-from .gqa_attention import check_heads, gqa_attention_interface, replace_modules
+from .gqa_attention import check_heads, gqa_attention_interface, replace_modules, resolve_cache
 
 AUTO_MAP = {
     "AutoConfig": "modeling_bert_gqa.BertGQAConfig",
@@ -85,9 +85,17 @@ class BertGQASelfAttention(BertSelfAttention):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        *,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Self-attention with ``G`` K/V heads; as a decoder, the cache is updated with ``G`` heads.
+
+        ``BertAttention`` passes the cache as ``cache`` (transformers >= 5.24) or ``past_key_values``
+        (earlier): ``resolve_cache`` takes it under either name (or any other, see its docstring).
+        """
+        past_key_values = resolve_cache(kwargs, cache, past_key_values)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.attention_head_size)
         query_layer = self.query(hidden_states).view(*hidden_shape).transpose(1, 2)  # [B, H, T, d]

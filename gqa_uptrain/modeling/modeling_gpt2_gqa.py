@@ -37,7 +37,7 @@ from transformers.models.gpt2.modeling_gpt2 import (
 from transformers.pytorch_utils import Conv1D
 from transformers.utils.generic import maybe_autocast
 
-from .gqa_attention import check_heads, gqa_attention_interface, replace_modules
+from .gqa_attention import check_heads, gqa_attention_interface, replace_modules, resolve_cache
 
 AUTO_MAP = {
     "AutoConfig": "modeling_gpt2_gqa.GPT2GQAConfig",
@@ -110,13 +110,21 @@ class GPT2GQAAttention(GPT2Attention):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         output_attentions: bool | None = False,
+        *,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Self-attention with ``G`` K/V heads; the cache, if any, is updated with ``G`` heads.
+
+        The stock GPT-2 block passes the cache as ``cache`` (transformers >= 5.24) or ``past_key_values``
+        (earlier): ``resolve_cache`` takes it under either name (or any other, see its docstring).
+        """
+        past_key_values = resolve_cache(kwargs, cache, past_key_values)
         if encoder_hidden_states is not None:
             raise ValueError("GPT2GQAAttention is self-attention only; cross-attention stays GPT2Attention")
         query, key, value = self.c_attn(hidden_states).split(

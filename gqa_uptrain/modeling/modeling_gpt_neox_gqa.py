@@ -36,7 +36,7 @@ from transformers.models.gpt_neox.modeling_gpt_neox import (
     apply_rotary_pos_emb,
 )
 
-from .gqa_attention import check_heads, gqa_attention_interface, replace_modules
+from .gqa_attention import check_heads, gqa_attention_interface, replace_modules, resolve_cache
 
 AUTO_MAP = {
     "AutoConfig": "modeling_gpt_neox_gqa.GPTNeoXGQAConfig",
@@ -93,8 +93,18 @@ class GPTNeoXGQAAttention(GPTNeoXAttention):
         attention_mask: torch.Tensor,
         layer_past: Cache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention with ``G`` K/V heads; the cache, if any, is updated with ``G`` heads.
+
+        The stock GPT-NeoX layer passes the cache as ``layer_past``; other families were renamed to
+        ``cache`` in transformers 5.24, so ``resolve_cache`` takes it under any of these names (or any
+        other, see its docstring) rather than trusting this one to stay.
+        """
+        layer_past = resolve_cache(kwargs, layer_past, cache, past_key_values)
         input_shape = hidden_states.shape[:-1]
         g = self.num_key_value_groups
         qkv = self.query_key_value(hidden_states).view(

@@ -31,7 +31,7 @@ from transformers.models.opt.modeling_opt import (
     OPTModel,
 )
 
-from .gqa_attention import check_heads, gqa_attention_interface, replace_modules
+from .gqa_attention import check_heads, gqa_attention_interface, replace_modules, resolve_cache
 
 AUTO_MAP = {
     "AutoConfig": "modeling_opt_gqa.OPTGQAConfig",
@@ -80,11 +80,19 @@ class OPTGQAAttention(OPTAttention):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        *,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Self-attention with ``G`` K/V heads; the cache, if any, is updated with ``G`` heads.
+
+        The stock OPT decoder layer passes the cache as ``cache`` (transformers >= 5.24) or
+        ``past_key_values`` (earlier): ``resolve_cache`` takes it under either name (or any other).
+        """
+        past_key_values = resolve_cache(kwargs, cache, past_key_values)
         bsz, tgt_len, _ = hidden_states.size()
         # Stock OPT scales the query before the dot product (and passes scaling=1.0): keep that order.
         query_states = self.q_proj(hidden_states) * self.scaling

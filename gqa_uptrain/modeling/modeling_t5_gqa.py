@@ -27,7 +27,7 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.t5.configuration_t5 import T5Config
 from transformers.models.t5.modeling_t5 import T5Attention, T5ForConditionalGeneration, T5Model
 
-from .gqa_attention import check_heads, gqa_attention_interface, replace_modules
+from .gqa_attention import check_heads, gqa_attention_interface, replace_modules, resolve_cache
 
 AUTO_MAP = {
     "AutoConfig": "modeling_t5_gqa.T5GQAConfig",
@@ -88,10 +88,17 @@ class T5GQAAttention(T5Attention):
         mask=None,
         key_value_states=None,
         position_bias=None,
+        cache=None,
+        *,
         past_key_values=None,
         **kwargs,
     ):
-        """The stock T5 attention forward, with ``G`` K/V heads (and a cache of ``G`` heads)."""
+        """The stock T5 attention forward, with ``G`` K/V heads (and a cache of ``G`` heads).
+
+        The stock T5 layers pass the cache as ``cache`` (transformers >= 5.24) or ``past_key_values``
+        (earlier): ``resolve_cache`` takes it under either name (or any other, see its docstring).
+        """
+        past_key_values = resolve_cache(kwargs, cache, past_key_values)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.key_value_proj_dim)
         past_seen_tokens = (
