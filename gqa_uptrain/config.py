@@ -135,6 +135,11 @@ class CheckpointConfig:
     """Save every N optimizer steps (0: only at the end, on Ctrl-C and never on a crash)."""
     keep_last: int = 2
     """Keep only the newest K checkpoints."""
+    save_on_each_node: bool = False
+    """``false``: all nodes share one filesystem, and the run's main process alone creates, renames
+    and deletes checkpoint folders (several nodes doing it would race). ``true``: every node has its
+    own disk and its first process writes and rotates that node's copy (accelerate's
+    ``save_on_each_node``)."""
 
 
 @dataclass

@@ -14,6 +14,13 @@ a checkpoint is taken only at an optimizer-step boundary and records (epoch, bat
 and ``load_state`` restores model, optimizer, scheduler and RNG states. A run killed at any
 point and resumed therefore replays exactly the batches the uninterrupted run would have seen.
 
+Several processes: every set-up phase (output folder, data, model, resume) and every checkpoint
+save ends with the processes agreeing on its outcome (:func:`_all_ranks`), so an error on any one of
+them stops all of them with that error instead of leaving the others in a collective. Checkpoint
+folders are created and rotated once per filesystem (``checkpoint.save_on_each_node``). The final
+model is saved in the checkpoint's own dtype (:func:`checkpoint_dtype`), whatever the training
+precision.
+
 With ``output.push_to_hub`` the repo id and the token are checked before anything else, and
 ``model/`` is uploaded by the main process once it is saved (:func:`push_model`).
 
@@ -33,6 +40,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -47,15 +55,15 @@ import torch.nn.functional as F
 from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import (
     DataLoaderConfiguration,
+    DeepSpeedPlugin,
     GradientAccumulationPlugin,
     ProjectConfiguration,
-    broadcast_object_list,
     set_seed,
 )
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import UptrainConfig, dump_recipe
+from .config import OptimConfig, UptrainConfig, dump_recipe
 from .data import PackedData, prepare_data
 from .errors import CheckpointError, ConfigError, GQAError, OutputExistsError
 from .outputs import atomic_output_dir, atomic_write_text
@@ -98,6 +106,124 @@ class UptrainResult:
     trainable_parameters: int = 0
     hub_url: str | None = None  # where output.push_to_hub uploaded the model (main process only)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes: one outcome for all
+# --------------------------------------------------------------------------------------------------
+
+
+class ProcessError(GQAError):
+    """An error (not a :class:`GQAError`) on one process of a multi-process run, raised on every
+    process so that none is left waiting in a collective for the one that failed.
+
+    ``rank`` is the process that failed first, ``phase`` what the run was doing, ``error_type`` the
+    qualified name of the original exception (chained as ``__cause__`` on the failing process).
+    """
+
+    def __init__(self, message: str, *, rank: int, phase: str, error_type: str) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.phase = phase
+        self.error_type = error_type
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only fields: rebuild from them, not from ``args`` (Exception's default).
+        return (_rebuild_process_error, (str(self), self.rank, self.phase, self.error_type))
+
+
+def _rebuild_process_error(message: str, rank: int, phase: str, error_type: str) -> ProcessError:
+    return ProcessError(message, rank=rank, phase=phase, error_type=error_type)
+
+
+@dataclass
+class _Outcome:
+    """What one process reports at the end of a phase: ok (with a small shared value) or its error."""
+
+    rank: int
+    share: Any = None
+    error: BaseException | None = None  # the exception itself, when it survives pickling
+    error_type: str = ""  # qualified type name; set exactly when the phase failed here
+    message: str = ""
+
+
+@dataclass
+class _Phase:
+    """Handle of :func:`_all_ranks`: set ``share`` inside the block; read ``shared`` after it."""
+
+    name: str
+    share: Any = None
+    shared: list[Any] = field(default_factory=list)
+
+
+def _one_line(e: BaseException, limit: int = 500) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _all_ranks(accelerator: Accelerator, name: str) -> Iterator[_Phase]:
+    """Run a set-up phase on every process, then agree on its outcome before anyone goes on.
+
+    Each process reports ok or its exception to all the others (``all_gather_object``). If any
+    failed, every process raises: a failing process its own error, the others the first failure
+    (the same :class:`GQAError` subclass and message, or a :class:`ProcessError` naming the rank and
+    the original type). Without this, a process that fails alone leaves the others blocked in the
+    next collective (a barrier, a broadcast, DDP's first all-reduce) until the process group times
+    out, or forever. In a single process this is a plain block.
+
+    The block itself must not contain collectives: a process that fails before one would leave the
+    others waiting in it. Ctrl-C (``KeyboardInterrupt``) is not exchanged: the launcher delivers it
+    to every process.
+    """
+    phase = _Phase(name)
+    world = accelerator.num_processes
+    if world == 1:
+        yield phase
+        phase.shared = [phase.share]
+        return
+    rank = accelerator.process_index
+    failure: Exception | None = None
+    try:
+        yield phase
+    except Exception as e:
+        failure = e
+    mine = _Outcome(rank=rank, share=None if failure else phase.share)
+    if failure is not None:
+        mine.error_type = f"{type(failure).__module__}.{type(failure).__qualname__}"
+        mine.message = _one_line(failure)
+        with contextlib.suppress(Exception):
+            # Sent as the object itself so that it arrives typed; one that does not survive
+            # pickling (local classes, unpicklable attributes) arrives as its type name and text.
+            pickle.loads(pickle.dumps(failure))
+            mine.error = failure
+    import torch.distributed as dist
+
+    outcomes: list[Any] = [None] * world
+    dist.all_gather_object(outcomes, mine)
+    failed = [o for o in outcomes if o.error_type]
+    if not failed:
+        phase.shared = [o.share for o in outcomes]
+        return
+    if failure is not None:
+        if isinstance(failure, GQAError):
+            raise failure
+        # One line on every process; the traceback is for --verbose.
+        logger.debug("process %d failed while %s", rank, name, exc_info=failure)
+        raise ProcessError(
+            f"process {rank} of {world} failed while {name}: {type(failure).__name__}: {mine.message} "
+            "(every process stopped; -v shows the traceback)",
+            rank=rank, phase=name, error_type=mine.error_type,
+        ) from failure  # fmt: skip
+    first = failed[0]
+    if isinstance(first.error, GQAError):
+        raise first.error from None
+    short_type = first.error_type.rsplit(".", 1)[-1]
+    raise ProcessError(
+        f"process {first.rank} of {world} failed while {name}: {short_type}: {first.message} "
+        f"(every process stopped; the log of process {first.rank} has the details)",
+        rank=first.rank, phase=name, error_type=first.error_type,
+    ) from None  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,26 +321,54 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_checkpoint(accelerator: Accelerator, root: Path, state: dict[str, Any], keep_last: int) -> Path:
+def _writes_checkpoints(accelerator: Accelerator, save_on_each_node: bool) -> bool:
+    """Whether this process creates, renames and rotates checkpoint folders.
+
+    One process per filesystem: the run's main process when all nodes share one (the default: two
+    nodes renaming and deleting the same folders race), each node's first process when every node
+    has its own disk (``checkpoint.save_on_each_node``, accelerate's ``save_on_each_node``).
+    """
+    return accelerator.is_local_main_process if save_on_each_node else accelerator.is_main_process
+
+
+def _save_checkpoint(
+    accelerator: Accelerator,
+    root: Path,
+    state: dict[str, Any],
+    keep_last: int,
+    save_on_each_node: bool = False,
+) -> Path:
     """``save_state`` into a temporary folder renamed into place once every process is done, so a
-    kill during the save never leaves a checkpoint that looks complete; then drop the oldest."""
+    kill during the save never leaves a checkpoint that looks complete; then drop the oldest.
+
+    Folder operations happen once per filesystem (:func:`_writes_checkpoints`); an error in them or
+    in the save stops every process with that error (:func:`_all_ranks`).
+    """
+    from accelerate.utils import DistributedType
+
     step = state["step"]
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
-    if accelerator.is_local_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_local_main_process:
-        (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in _checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    writer = _writes_checkpoints(accelerator, save_on_each_node)
+    with _all_ranks(accelerator, f"creating checkpoint folder {tmp}"):
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # Sharded saves are collectives: they cannot run inside _all_ranks (see its docstring).
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+    else:
+        with _all_ranks(accelerator, f"saving checkpoint {tmp}"):
+            accelerator.save_state(str(tmp))
+    with _all_ranks(accelerator, f"publishing checkpoint {final}"):
+        if writer:
+            (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in _checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
     logger.info("saved checkpoint %s", final)
     return final
 
@@ -269,11 +423,62 @@ def _load_model(
         raise CheckpointError(f"could not load {what} {path}: {reason}") from e
 
 
-def _source_dtype(config: Any) -> torch.dtype:
-    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dt, str):
-        dt = getattr(torch, dt, None)
-    return dt if isinstance(dt, torch.dtype) else torch.float32
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+
+
+def _as_dtype(value: Any) -> torch.dtype | None:
+    """A config's dtype entry (``"bfloat16"``, ``"torch.float16"``) as a floating torch dtype."""
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
+def _header_dtype(weights: Path) -> torch.dtype | None:
+    """The dtype of the first floating tensor in a safetensors file's header (no tensor is read)."""
+    with open(weights, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")  # header length, then the JSON header
+        header = json.loads(f.read(n))
+    for name, info in header.items():
+        if name != "__metadata__" and info.get("dtype") in _SAFETENSORS_DTYPES:
+            return _SAFETENSORS_DTYPES[info["dtype"]]
+    return None
+
+
+def checkpoint_dtype(path: str, revision: str | None = None) -> torch.dtype:
+    """The dtype a checkpoint is stored in, read from its files before the model is loaded.
+
+    ``config.json``'s ``dtype`` (or the legacy ``torch_dtype``), else the first floating tensor in
+    the safetensors header, else float32. It has to be read first: loading in float32 (the master
+    weights) rewrites ``model.config.dtype`` to float32.
+    """
+    from transformers.utils import cached_file
+
+    def fetch(name: str) -> Path | None:
+        with contextlib.suppress(OSError, ValueError):
+            found = cached_file(path, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+            return Path(found) if found else None
+        return None
+
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        cfg_file = fetch("config.json")
+        if cfg_file is not None:
+            raw = json.loads(cfg_file.read_text())
+            found = _as_dtype(raw.get("dtype")) or _as_dtype(raw.get("torch_dtype"))
+            if found is not None:
+                return found
+        weights = fetch("model.safetensors")
+        if weights is None and (index := fetch("model.safetensors.index.json")) is not None:
+            first_shard = sorted(set(json.loads(index.read_text())["weight_map"].values()))[0]
+            weights = fetch(first_shard)
+        if weights is not None and (found := _header_dtype(weights)) is not None:
+            return found
+    logger.warning("could not read the dtype of %s; the uptrained model is saved in float32", path)
+    return torch.float32
 
 
 def select_trainable(model: torch.nn.Module, mode: str) -> list[str]:
@@ -422,6 +627,39 @@ def _refuse_sharding_on_cpu() -> None:
             )
 
 
+def align_deepspeed_plugin(plugin: DeepSpeedPlugin, optim: OptimConfig) -> None:
+    """Make the DeepSpeed config's accumulation and clipping the recipe's, or refuse a mismatch.
+
+    Under DeepSpeed the engine accumulates and clips by its own config, and accelerate lets the
+    DeepSpeed values win over the training script's with only a warning: a config that says 32
+    micro-batches per step under a recipe that says 1 would make every "step" of the loop (the
+    budget, the schedule, the checkpoints) a 32nd of an optimizer step. So ``auto`` or a missing
+    value takes the recipe's ``optim.grad_accum`` / ``optim.grad_clip``, and a different number is
+    a :class:`ConfigError` before anything is loaded. Works on the parsed plugin (``DeepSpeedPlugin()``
+    reads what ``accelerate launch`` put in the environment); DeepSpeed itself is not needed.
+    """
+    ds = plugin.deepspeed_config  # the dict the engine is built from
+    for key, attr, recipe_key, want in (
+        ("gradient_accumulation_steps", "gradient_accumulation_steps", "optim.grad_accum", optim.grad_accum),
+        ("gradient_clipping", "gradient_clipping", "optim.grad_clip", optim.grad_clip),
+    ):
+        have = ds.get(key)
+        if have is None or have == "auto":
+            ds[key] = want
+            setattr(plugin, attr, want)
+            continue
+        try:
+            same = float(have) == float(want)
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ConfigError(
+                f"the DeepSpeed config sets {key}: {have} but the recipe has {recipe_key}: {want}; "
+                f"set {key}: auto in the accelerate config (recipes/accelerate/deepspeed-zero3.yaml does) "
+                f"so the recipe decides, or set {recipe_key}={have}"
+            )
+
+
 def _prepare_output(cfg: UptrainConfig, out: Path) -> Path | None:
     """On the main process: refuse, clear, or pick the checkpoint to resume from."""
     ckpt = latest_checkpoint(out)
@@ -446,7 +684,9 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
     """Uptrain ``config.model.path`` as the recipe says; see the module docstring for the layout.
 
     Returns an :class:`UptrainResult`; raises :class:`GQAError` for user errors (bad model folder,
-    missing text column, folder in use, non-finite loss with the step named).
+    missing text column, folder in use, non-finite loss with the step named). In a multi-process
+    run an error on any process during set-up or a checkpoint save stops every process with that
+    error (a :class:`ProcessError` for errors that are not a :class:`GQAError`).
     """
     cfg = config
     out = Path(cfg.output.dir).expanduser().absolute()
@@ -458,61 +698,62 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
     on_cpu = launched and not torch.cuda.is_available()
     if on_cpu:
         _refuse_sharding_on_cpu()
-    accelerator = Accelerator(
-        cpu=on_cpu,
-        mixed_precision=mp,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=cfg.optim.grad_accum, sync_with_dataloader=False
-        ),
-        # The schedule is defined in optimizer steps; we step it once per optimizer step ourselves.
-        step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
-    world = accelerator.num_processes
-
-    # Output checks happen on the main process; every rank raises the same error (no hang).
-    resume_from: Path | None = None
-    lock = run_lock(out) if accelerator.is_main_process else contextlib.nullcontext()
-    err: list[Any] = [None, None]
-    if accelerator.is_main_process:
-        try:
-            if cfg.output.push_to_hub:
-                # A bad repo id or no token fails now, in seconds, not after hours of training, and
-                # before a previous run in the folder is cleared by output.overwrite.
-                from .hub import check_push_target
-
-                check_push_target(cfg.output.push_to_hub, cfg.output.hub_revision)
-            out.mkdir(parents=True, exist_ok=True)
-            lock.__enter__()
-            try:
-                ckpt = _prepare_output(cfg, out)
-            except BaseException:
-                lock.__exit__(None, None, None)
-                raise
-            err = [None, str(ckpt) if ckpt else None]
-        except GQAError as e:
-            err = [f"{type(e).__name__}:{e}", None]
-    err = broadcast_object_list(err) if world > 1 else err
-    if err[0]:
-        kind, _, msg = err[0].partition(":")
-        cls = {
-            "OutputExistsError": OutputExistsError,
-            "CheckpointError": CheckpointError,
-            "ConfigError": ConfigError,
-        }
-        if kind == "HubError":
-            from .hub import HubError
-
-            cls["HubError"] = HubError
-        raise cls.get(kind, GQAError)(msg)
-    resume_from = Path(err[1]) if err[1] else None
+    deepspeed_plugin = None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # Built here (accelerate would build the same from the environment) so that its
+        # accumulation and clipping are the recipe's before the engine exists.
+        deepspeed_plugin = DeepSpeedPlugin()
+        align_deepspeed_plugin(deepspeed_plugin, cfg.optim)
     try:
+        accelerator = Accelerator(
+            cpu=on_cpu,
+            mixed_precision=mp,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=cfg.optim.grad_accum, sync_with_dataloader=False
+            ),
+            # The schedule is defined in optimizer steps; we step it once per optimizer step ourselves.
+            step_scheduler_with_optimizer=False,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+            deepspeed_plugin=deepspeed_plugin,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(
+                project_dir=str(out),
+                logging_dir=str(out / "logs"),
+                save_on_each_node=cfg.checkpoint.save_on_each_node,
+            ),
+        )
+    except ImportError as e:  # e.g. a DeepSpeed config without deepspeed installed
+        raise ConfigError(f"the accelerate config needs a package that is missing: {_one_line(e)}") from None
+    main = accelerator.is_main_process
+
+    # Output checks happen on the main process; every process gets its outcome (no hang).
+    lock = contextlib.ExitStack()
+    try:
+        with _all_ranks(accelerator, f"preparing the output folder {out}") as phase:
+            if main:
+                if cfg.output.push_to_hub:
+                    # A bad repo id or no token fails now, in seconds, not after hours of training,
+                    # and before a previous run in the folder is cleared by output.overwrite.
+                    from .hub import check_push_target
+
+                    check_push_target(cfg.output.push_to_hub, cfg.output.hub_revision)
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                    lock.enter_context(run_lock(out))
+                except OSError as e:
+                    if isinstance(e, GQAError):  # already a one-line error (e.g. a full disk)
+                        raise
+                    raise ConfigError(
+                        f"recipe key output.dir: cannot use {out} as the run folder "
+                        f"({e.strerror or _one_line(e)}); choose another output.dir"
+                    ) from None
+                ckpt = _prepare_output(cfg, out)
+                atomic_write_text(out / "recipe.yaml", dump_recipe(cfg))
+                phase.share = str(ckpt) if ckpt else None
+        resume_from = Path(phase.shared[0]) if phase.shared[0] else None
         return _run(cfg, accelerator, out, resume_from, trackers)
     finally:
-        if accelerator.is_main_process:
-            lock.__exit__(None, None, None)
+        lock.close()
 
 
 def _run(
@@ -523,80 +764,94 @@ def _run(
     world = accelerator.num_processes
     main = accelerator.is_main_process
     set_seed(cfg.seed)
-    if main:
-        atomic_write_text(out / "recipe.yaml", dump_recipe(cfg))
 
     # ---- tokenizer and data (tokenized once, on the main process first; others read the cache)
-    _check_model_path(cfg.model.path, "model.path")
-    trust = _trust_remote_code(cfg.model.path, cfg.model.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(
-        cfg.model.path, revision=cfg.model.revision, trust_remote_code=trust
-    )
     # Tokenized blocks live in the run folder by default, so --resume (and --overwrite) reuse them.
     data_cfg = cfg.data if cfg.data.cache_dir else dataclasses.replace(cfg.data, cache_dir=str(out / "cache"))
-    with accelerator.main_process_first():
-        data: PackedData = prepare_data(data_cfg, tokenizer, max_eval_blocks=cfg.eval.max_blocks)
+
+    def load_data() -> tuple[Any, PackedData]:
+        _check_model_path(cfg.model.path, "model.path")
+        trust = _trust_remote_code(cfg.model.path, cfg.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.model.path, revision=cfg.model.revision, trust_remote_code=trust
+        )
+        return tokenizer, prepare_data(data_cfg, tokenizer, max_eval_blocks=cfg.eval.max_blocks)
+
+    # accelerate's main_process_first, with each half's outcome shared (no process left at a barrier).
+    with _all_ranks(accelerator, "tokenizing the data"):
+        if main:
+            tokenizer, data = load_data()
+    with _all_ranks(accelerator, "reading the tokenized data"):
+        if not main:
+            tokenizer, data = load_data()
 
     # ---- model (float32 master weights; autocast gives bf16 compute on GPU)
-    model = _load_model(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code, torch.float32,
-                        cfg.model.attn_implementation, "model.path")  # fmt: skip
-    save_dtype = _source_dtype(model.config)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    trainable = select_trainable(model, cfg.freeze.mode)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    logger.info(
-        "training %s of %s parameters (freeze.mode=%s)", f"{n_trainable:,}", f"{n_total:,}", cfg.freeze.mode
-    )
+    # Everything up to prepare() is local to each process: one failing stops all (see _all_ranks).
+    with _all_ranks(accelerator, "loading the model"):
+        # Read before loading: the float32 load rewrites model.config.dtype. The final model is saved
+        # in this dtype (bf16 in, bf16 out), whatever the training precision.
+        save_dtype = checkpoint_dtype(cfg.model.path, cfg.model.revision)
+        model = _load_model(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code, torch.float32,
+                            cfg.model.attn_implementation, "model.path")  # fmt: skip
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        trainable = select_trainable(model, cfg.freeze.mode)
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_total = sum(p.numel() for p in model.parameters())
+        logger.info(
+            "training %s of %s parameters (freeze.mode=%s)",
+            f"{n_trainable:,}",
+            f"{n_total:,}",
+            cfg.freeze.mode,
+        )
 
-    teacher = None
-    if cfg.distill.teacher:
-        teacher_dtype = torch.bfloat16 if mp_is_bf16(accelerator) else torch.float32
-        teacher = _load_model(cfg.distill.teacher, None, None, teacher_dtype, cfg.model.attn_implementation,
-                              "distill.teacher")  # fmt: skip
-        teacher.eval().requires_grad_(False)
-        t_vocab = teacher.get_output_embeddings().weight.shape[0]
-        s_vocab = model.get_output_embeddings().weight.shape[0]
-        if t_vocab != s_vocab:
-            raise ConfigError(
-                f"recipe key distill.teacher: teacher vocabulary ({t_vocab}) differs from the student's ({s_vocab}); "
-                "give the original checkpoint this model was converted from"
+        teacher = None
+        if cfg.distill.teacher:
+            teacher_dtype = torch.bfloat16 if mp_is_bf16(accelerator) else torch.float32
+            teacher = _load_model(cfg.distill.teacher, None, None, teacher_dtype, cfg.model.attn_implementation,
+                                  "distill.teacher")  # fmt: skip
+            teacher.eval().requires_grad_(False)
+            t_vocab = teacher.get_output_embeddings().weight.shape[0]
+            s_vocab = model.get_output_embeddings().weight.shape[0]
+            if t_vocab != s_vocab:
+                raise ConfigError(
+                    f"recipe key distill.teacher: teacher vocabulary ({t_vocab}) differs from the student's ({s_vocab}); "
+                    "give the original checkpoint this model was converted from"
+                )
+            # The teacher takes no optimizer and no gradient sync: it is replicated on each device.
+            teacher.to(accelerator.device)
+
+        fused = cfg.optim.fused
+        if fused is None:
+            fused = accelerator.device.type in ("cuda", "cpu") and accelerator.distributed_type.value not in (
+                "DEEPSPEED",
             )
-        # The teacher takes no optimizer and no gradient sync: it is replicated on each device.
-        teacher.to(accelerator.device)
-
-    fused = cfg.optim.fused
-    if fused is None:
-        fused = accelerator.device.type in ("cuda", "cpu") and accelerator.distributed_type.value not in (
-            "DEEPSPEED",
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+            fused=fused,
         )
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.optim.weight_decay),
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-        fused=fused,
-    )
-    total_steps = cfg.total_steps(world)
-    warmup = cfg.schedule.warmup_steps
-    if warmup is None:
-        warmup = int(cfg.schedule.warmup_fraction * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_multiplier(s, total_steps, warmup, cfg.schedule.kind, cfg.schedule.min_lr_ratio),
-    )
-
-    train_ds = data.train.with_format("torch", columns=["input_ids"])
-    is_map = data.num_train_blocks is not None
-    train_loader = DataLoader(train_ds, batch_size=cfg.optim.batch_size, shuffle=is_map, drop_last=True)
-    eval_loader = None
-    if data.eval is not None:
-        eval_loader = DataLoader(
-            data.eval.with_format("torch", columns=["input_ids"]),
-            batch_size=cfg.eval.batch_size or cfg.optim.batch_size,
+        total_steps = cfg.total_steps(world)
+        warmup = cfg.schedule.warmup_steps
+        if warmup is None:
+            warmup = int(cfg.schedule.warmup_fraction * total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_multiplier(s, total_steps, warmup, cfg.schedule.kind, cfg.schedule.min_lr_ratio),
         )
+
+        train_ds = data.train.with_format("torch", columns=["input_ids"])
+        is_map = data.num_train_blocks is not None
+        train_loader = DataLoader(train_ds, batch_size=cfg.optim.batch_size, shuffle=is_map, drop_last=True)
+        eval_loader = None
+        if data.eval is not None:
+            eval_loader = DataLoader(
+                data.eval.with_format("torch", columns=["input_ids"]),
+                batch_size=cfg.eval.batch_size or cfg.optim.batch_size,
+            )
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
@@ -609,20 +864,32 @@ def _run(
     # ---- resume
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "eval_before": None}
     if resume_from is not None:
-        saved = json.loads((resume_from / _STATE_FILE).read_text())
-        if saved.get("data_fingerprint") != data.fingerprint:
-            raise ConfigError(
-                f"recipe key data: differs from the run in {resume_from.parent.parent} (other data, tokenizer or "
-                "block size); resume with the same data settings or start over with --overwrite"
-            )
-        if (
-            saved.get("global_batch") != cfg.optim.batch_size * world
-            or saved.get("grad_accum") != cfg.optim.grad_accum
-        ):
-            logger.warning(
-                "batch layout differs from the checkpoint's: the data order will not match the original run"
-            )
-        accelerator.load_state(str(resume_from))
+        sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+        # A sharded load_state is a collective, which _all_ranks cannot wrap (see its docstring).
+        with _all_ranks(accelerator, f"resuming from {resume_from}"):
+            try:
+                saved = json.loads((resume_from / _STATE_FILE).read_text())
+            except (OSError, ValueError) as e:
+                raise CheckpointError(
+                    f"checkpoint {resume_from} cannot be read ({_one_line(e)}); delete it to resume from the one "
+                    "before, or start over with --overwrite"
+                ) from None
+            if saved.get("data_fingerprint") != data.fingerprint:
+                raise ConfigError(
+                    f"recipe key data: differs from the run in {resume_from.parent.parent} (other data, tokenizer or "
+                    "block size); resume with the same data settings or start over with --overwrite"
+                )
+            if (
+                saved.get("global_batch") != cfg.optim.batch_size * world
+                or saved.get("grad_accum") != cfg.optim.grad_accum
+            ):
+                logger.warning(
+                    "batch layout differs from the checkpoint's: the data order will not match the original run"
+                )
+            if not sharded:
+                accelerator.load_state(str(resume_from))
+        if sharded:
+            accelerator.load_state(str(resume_from))
         state.update(
             {k: saved[k] for k in ("step", "epoch", "batch_in_epoch", "tokens", "eval_before") if k in saved}
         )
@@ -630,14 +897,16 @@ def _run(
 
     tokens_per_micro = cfg.optim.batch_size * cfg.data.block_size * world  # all processes together
     if trackers:
-        accelerator.init_trackers("uptrain", config=_flat_hparams(cfg.to_dict()))
+        with _all_ranks(accelerator, "starting the trackers"):
+            accelerator.init_trackers("uptrain", config=_flat_hparams(cfg.to_dict()))
     if main and is_map:
-        steps_per_epoch = len(train_loader) // cfg.optim.grad_accum
+        # Micro-batches per epoch over micro-batches per step (not whole steps per epoch: with
+        # accumulation a step can straddle two epochs).
+        epochs = total_steps * cfg.optim.grad_accum / max(1, len(train_loader))
         logger.info(
             "%d train blocks, %d held-out; %d steps of %d tokens (%.2f epochs), %d process(es), mixed precision %s",
             data.num_train_blocks, len(data.eval) if data.eval is not None else 0, total_steps,
-            tokens_per_micro * cfg.optim.grad_accum, total_steps / max(1, steps_per_epoch), world,
-            accelerator.mixed_precision,
+            tokens_per_micro * cfg.optim.grad_accum, epochs, world, accelerator.mixed_precision,
         )  # fmt: skip
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
@@ -660,7 +929,9 @@ def _run(
     def checkpoint() -> Path:
         s = dict(state, data_fingerprint=data.fingerprint, global_batch=cfg.optim.batch_size * world,
                  grad_accum=cfg.optim.grad_accum, total_steps=total_steps)  # fmt: skip
-        return _save_checkpoint(accelerator, ckpt_root, s, cfg.checkpoint.keep_last)
+        return _save_checkpoint(
+            accelerator, ckpt_root, s, cfg.checkpoint.keep_last, cfg.checkpoint.save_on_each_node
+        )
 
     # ---- evaluation before training
     eval_before = state["eval_before"]
@@ -856,28 +1127,53 @@ def _save_final_model(
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # every rank: FSDP / ZeRO-3 gather here
     dest = out / "model"
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.config.use_cache = True
-        state_dict = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        with atomic_output_dir(dest, overwrite=True) as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, max_shard_size=cfg.output.max_shard_size)
-            tokenizer.save_pretrained(tmp)
-            src = Path(cfg.model.path).expanduser()
-            if src.is_dir():
-                # Carry what save_pretrained does not write: the card and any shipped modelling code.
-                for f in src.iterdir():
-                    if (
-                        f.is_file()
-                        and (f.suffix == ".py" or f.name == "README.md")
-                        and not (tmp / f.name).exists()
-                    ):
-                        shutil.copy2(f, tmp / f.name)
-            _write_card(cfg, tmp, result, accelerator, trainable)
-        atomic_write_text(out / "results.json", json.dumps(_results(cfg, result, accelerator), indent=2))
-        logger.info("saved uptrained model to %s", dest)
-    accelerator.wait_for_everyone()
+    with _all_ranks(accelerator, f"saving the model to {dest}"):
+        if accelerator.is_main_process:
+            _write_final_model(
+                cfg, accelerator, model, state_dict, tokenizer, out, save_dtype, result, trainable
+            )
     return dest
+
+
+def _write_final_model(
+    cfg: UptrainConfig,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: Any,
+    out: Path,
+    save_dtype: torch.dtype,
+    result: UptrainResult,
+    trainable: list[str],
+) -> None:
+    """The main process's half of :func:`_save_final_model`: write ``out/model`` and results.json."""
+    dest = out / "model"
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.config.use_cache = True
+    state_dict = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    with atomic_output_dir(dest, overwrite=True) as tmp:
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, max_shard_size=cfg.output.max_shard_size)
+        # save_pretrained records the dtype of the (float32) model it was called on, not of the
+        # state dict it wrote: make config.json say what the shards hold.
+        config_file = tmp / "config.json"
+        written = json.loads(config_file.read_text())
+        written["dtype"] = str(save_dtype).removeprefix("torch.")
+        written.pop("torch_dtype", None)
+        atomic_write_text(config_file, json.dumps(written, indent=2, sort_keys=True) + "\n")
+        tokenizer.save_pretrained(tmp)
+        src = Path(cfg.model.path).expanduser()
+        if src.is_dir():
+            # Carry what save_pretrained does not write: the card and any shipped modelling code.
+            for f in src.iterdir():
+                if (
+                    f.is_file()
+                    and (f.suffix == ".py" or f.name == "README.md")
+                    and not (tmp / f.name).exists()
+                ):
+                    shutil.copy2(f, tmp / f.name)
+        _write_card(cfg, tmp, result, accelerator, trainable)
+    atomic_write_text(out / "results.json", json.dumps(_results(cfg, result, accelerator), indent=2))
+    logger.info("saved uptrained model to %s (%s)", dest, str(save_dtype).removeprefix("torch."))
 
 
 def _results(cfg: UptrainConfig, r: UptrainResult, accelerator: Accelerator) -> dict[str, Any]:

@@ -41,6 +41,10 @@ def _with(**sections):
         (_with(budget={"tokens": 1000}), "exactly one of budget.steps, budget.tokens, budget.alpha"),
         ({**MINIMAL, "budget": {"alpha": 0.05}}, "recipe key budget.pretraining_tokens: missing"),
         (_with(optim={"grad_accum": 0}), "recipe key optim.grad_accum: must be positive"),
+        (
+            _with(checkpoint={"save_on_each_node": "yes"}),
+            "recipe key checkpoint.save_on_each_node: expected bool, got 'yes'",
+        ),
         ({**MINIMAL, "model": "path/to/model"}, "recipe key model: expected a mapping"),
     ],
 )
@@ -60,6 +64,7 @@ def test_yaml_quirks_and_budgets():
         )
     )
     assert cfg.optim.lr == pytest.approx(1e-4)
+    assert cfg.checkpoint.save_on_each_node is False  # one shared filesystem unless told otherwise
     assert cfg.budget.pretraining_tokens == 2_000_000
     # alpha × pretraining tokens / tokens per step (128 × 4 × 2 × processes), rounded up.
     assert cfg.total_steps(1) == 98
@@ -112,6 +117,10 @@ def test_shipped_accelerate_configs_load(config):
 
     cfg = load_config_from_file(str(RECIPES / "accelerate" / config))
     assert cfg.num_processes >= 2 and cfg.mixed_precision in ("no", "bf16")
+    if config == "deepspeed-zero3.yaml":
+        # Filled from the recipe's optim.grad_accum / optim.grad_clip (training.align_deepspeed_plugin).
+        ds = cfg.deepspeed_config
+        assert ds["gradient_accumulation_steps"] == "auto" and ds["gradient_clipping"] == "auto"
     if config == "multi-cpu.yaml":
         # torchrun's launcher (MULTI_CPU's starts processes only through mpirun), on the CPU.
         assert cfg.distributed_type.value == "MULTI_GPU" and cfg.use_cpu and cfg.num_processes == 2
