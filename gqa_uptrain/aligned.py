@@ -50,13 +50,25 @@ from .calibration import (
     iter_isotropic,
 )
 from .errors import ConfigError
-from .grouping import GROUPINGS, best_partition, kv_permutation, permute_blocks, query_permutation
+from .grouping import (
+    GROUPINGS,
+    MAX_EVALS,
+    best_partition,
+    kv_permutation,
+    permute_blocks,
+    query_permutation,
+)
 
 if TYPE_CHECKING:
     from .checkpoint import Source
     from .merging import HeadBlocks, MergeContext
 
 logger = logging.getLogger(__name__)
+
+# Similarity grouping with ``aligned``: cost evaluations the exact polish may spend, as a budget of
+# eigenvalue work (evaluations × (g·d)³): ~150 evaluations of 4-head groups at head_dim 128, all
+# MAX_EVALS on tiny test models. A few seconds per module on 2 cores.
+POLISH_WORK = 2e10
 
 NO_ROPE_MODEL_TYPES = {"gpt2", "opt", "bert", "roberta", "t5", "mt5", "gpt_bigcode", "gpt2_gqa"}
 
@@ -153,38 +165,72 @@ def linear_fit(w: torch.Tensor, sigma: torch.Tensor, l_sqrt: torch.Tensor, l_inv
 
 
 @dataclass
+class ModuleFit:
+    """What ``aligned`` keeps of a module between calibration and streaming: the fitted maps only.
+
+    Per group ``j``: the rotary keys' complex weights ``c``/``a`` (``[P, g]`` each: shared key
+    ``Σ c_m z_m``, member ``z_m ≈ a_m z_s``), the non-rotary keys' :class:`LinearFit` and the values'
+    :class:`LinearFit` (``C_m``, ``A_m``: ``[g, e, e]`` each). About ``2·Hkv·d²`` floats per module
+    (8 MB at Llama-2-7B width), where the moment matrix it comes from is ``(n+1)²`` (134 MB).
+    """
+
+    num_groups: int
+    key_mean: bool  # K norms: keys mean-pooled, no key maps
+    k_pairs: list[tuple[torch.Tensor, torch.Tensor] | None]
+    k_lin: list[LinearFit | None]
+    v: list[LinearFit]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the maps."""
+        ts = [t for pair in self.k_pairs if pair for t in pair]
+        ts += [t for f in (*self.k_lin, *self.v) if f is not None for t in (f.c, f.a)]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+@dataclass
 class ModuleStats:
-    """A module's blocks (already in group order) seen through its calibration moments."""
+    """A module's blocks (already in group order) seen through its calibration moments.
+
+    ``sigma`` is needed to fit (:meth:`fit`) and to score groups (:meth:`aligned_cost`,
+    :meth:`mean_cost`); applying a fit to the weights (:meth:`apply`) needs only the blocks.
+    """
 
     wq: torch.Tensor  # [H, d, n+1]
     wk: torch.Tensor  # [Hkv, d, n+1]
     wv: torch.Tensor  # [Hkv, d, n+1]
     o: torch.Tensor  # [H, d, out]
-    sigma: torch.Tensor  # [n+1, n+1]
+    sigma: torch.Tensor | None  # [n+1, n+1]
     rot: int  # rotary dims R
     key_mean: bool  # K norms: keys are mean-pooled
     _cache: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, blocks: HeadBlocks, mom: ModuleMoments, rot: int) -> ModuleStats:
+    def build(cls, blocks: HeadBlocks, sigma: torch.Tensor | None, rot: int, key_mean: bool) -> ModuleStats:
+        """Augmented float64 weights from head ``blocks``, with the moments ``sigma`` (or None)."""
         return cls(
             wq=_augmented(blocks, "q"),
             wk=_augmented(blocks, "k"),
             wv=_augmented(blocks, "v"),
             o=blocks[_find(blocks, "o", "weight")]["o"].double(),  # type: ignore[index]
-            sigma=mom.sigma.double(),
+            sigma=None if sigma is None else sigma.double(),
             rot=rot,
-            key_mean=mom.has_qk_norm,
+            key_mean=key_mean,
         )
 
     @property
     def r(self) -> int:
         return self.wq.shape[0] // self.wk.shape[0]
 
+    def _sigma(self) -> torch.Tensor:
+        if self.sigma is None:
+            raise ValueError("these statistics carry no calibration moments: only apply() is possible")
+        return self.sigma
+
     def _q_energy(self) -> torch.Tensor:
         """``[Hkv, d]``: E[q²] per dim, summed over each K/V head's query heads."""
         if "qe" not in self._cache:
-            e = ((self.wq @ self.sigma) * self.wq).sum(-1)  # [H, d]
+            e = ((self.wq @ self._sigma()) * self.wq).sum(-1)  # [H, d]
             self._cache["qe"] = e.view(-1, self.r, e.shape[-1]).sum(1)
         return self._cache["qe"]
 
@@ -194,69 +240,157 @@ class ModuleStats:
         idx = torch.tensor(members)
         wk = self.wk[idx]
         om = torch.complex(wk[:, :p], wk[:, p : 2 * p])  # [g, P, n+1]
-        gram = torch.einsum("mpn,kpn->pmk", om.conj(), om @ self.sigma.to(om.dtype))  # E[conj(z_m) z_k]
+        gram = torch.einsum("mpn,kpn->pmk", om.conj(), om @ self._sigma().to(om.dtype))  # E[conj(z_m) z_k]
+        return _weigh_pairs(gram, self._pair_weights(idx))
+
+    def _pair_weights(self, idx: torch.Tensor) -> torch.Tensor:
+        """``[P, g]``: each member's query energy per rotary pair (its keys' error weight)."""
+        p = self.rot // 2
         qe = self._q_energy()[idx]
-        w = (qe[:, :p] + qe[:, p : 2 * p]).T  # [P, g]
-        w = w + 1e-9 * w.amax().clamp_min(1e-30)
-        d = w.sqrt().to(gram.dtype)
-        return d[:, :, None] * gram * d[:, None, :], w
+        return (qe[:, :p] + qe[:, p : 2 * p]).T
+
+    # Per-member weightings are cached: a similarity search meets each head in many groups.
+    def _nonrot_root(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("nonrot", m)
+        if key not in self._cache:
+            wq = self.wq[m * self.r : (m + 1) * self.r, self.rot :]  # [r, e, n+1]
+            self._cache[key] = _sqrtm(_rows_gram(wq, self._sigma()).sum(0))
+        return self._cache[key]
+
+    def _v_root(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("vroot", m)
+        if key not in self._cache:
+            self._cache[key] = _sqrtm(sum(oi @ oi.T for oi in self.o[m * self.r : (m + 1) * self.r]))
+        return self._cache[key]
 
     def _weights_nonrot(self, members: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        rot, r = self.rot, self.r
-        mats = []
-        for m in members:
-            wq = self.wq[m * r : (m + 1) * r, rot:]  # [r, e, n+1]
-            mats.append(_rows_gram(wq, self.sigma).sum(0))
-        roots = [_sqrtm(x) for x in mats]
+        roots = [self._nonrot_root(m) for m in members]
         return torch.stack([a for a, _ in roots]), torch.stack([b for _, b in roots])
 
     def _weights_v(self, members: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.r
-        roots = [_sqrtm(sum(oi @ oi.T for oi in self.o[m * r : (m + 1) * r])) for m in members]
+        roots = [self._v_root(m) for m in members]
         return torch.stack([a for a, _ in roots]), torch.stack([b for _, b in roots])
 
     # -- costs (for similarity grouping): relative energy lost, K and V added ------------------
+    # A search scores thousands of groups, so the products with the [n+1, n+1] moment matrix are
+    # taken once per module (every head against every head, :meth:`_tables`); a group's cost then
+    # only gathers its members' entries: O(g²) for mean, an eigenvalue problem of size g·d for
+    # aligned. Same quantities as the fit's, summed in another order (last-bit differences).
     def aligned_cost(self, members: tuple[int, ...]) -> float:
         """Relative K + V error of the aligned fit of ``members`` (lower merges better)."""
+        t = self._tables(aligned=True)
         idx = torch.tensor(members)
-        k_res = k_tot = 0.0
+        v_res, v_tot = _subspace_residual(t["v"], idx)
         if self.key_mean:
-            return self.mean_cost(members, keys_only=True) + self._v_fit(members).residual / max(
-                self._v_fit(members).total, 1e-30
-            )
+            return self.mean_cost(members, keys_only=True) + v_res / max(v_tot, 1e-30)
+        k_res = k_tot = 0.0
         if self.rot:
-            a, _ = self._pair_gram(members)
+            gram = t["k_pairs"][:, idx][:, :, idx]
+            a, _ = _weigh_pairs(gram, t["k_pair_w"][:, idx])
             lam = torch.linalg.eigvalsh(a)  # [P, g]
             k_tot += float(lam.sum())
             k_res += float(lam[:, :-1].sum())
         if self.rot < self.wk.shape[1]:
-            ls, li = self._weights_nonrot(members)
-            f = linear_fit(self.wk[idx, self.rot :], self.sigma, ls, li)
-            k_res, k_tot = k_res + f.residual, k_tot + f.total
-        v = self._v_fit(members)
-        return k_res / max(k_tot, 1e-30) + v.residual / max(v.total, 1e-30)
+            res, tot = _subspace_residual(t["k_lin"], idx)
+            k_res, k_tot = k_res + res, k_tot + tot
+        return k_res / max(k_tot, 1e-30) + v_res / max(v_tot, 1e-30)
 
     def mean_cost(self, members: tuple[int, ...], keys_only: bool = False) -> float:
-        """Relative K (+ V) error of mean pooling ``members``: E‖head_m − mean‖² over E‖head_m‖²."""
+        """Relative K (+ V) error of mean pooling ``members``: E‖head_m − mean‖² over E‖head_m‖².
+
+        With ``T_mk = E[head_m · head_k]``: ``Σ_m T_mm − (1/g) Σ_mk T_mk`` over ``Σ_m T_mm``.
+        """
+        t = self._tables(aligned=False)
         idx = torch.tensor(members)
         out = 0.0
-        for w in (self.wk[idx], *(() if keys_only else (self.wv[idx],))):
-            dev = w - w.mean(0, keepdim=True)
-            out += float(((dev @ self.sigma) * dev).sum()) / max(float(((w @ self.sigma) * w).sum()), 1e-30)
+        for name in ("k_tr",) if keys_only else ("k_tr", "v_tr"):
+            tr = t[name][idx][:, idx]
+            energy = float(tr.diagonal().sum())
+            out += max(energy - float(tr.sum()) / len(members), 0.0) / max(energy, 1e-30)
         return out
+
+    def _tables(self, aligned: bool) -> dict[str, torch.Tensor]:
+        """Every-head-against-every-head moments the costs read (computed once per module).
+
+        ``k_tr``/``v_tr`` ``[Hkv, Hkv]``: ``E[head_m · head_k]``. With ``aligned``: ``k_pairs``
+        ``[P, Hkv, Hkv]`` complex ``E[conj(z_m) z_k]`` per rotary pair and ``k_pair_w`` ``[P, Hkv]``
+        its weights; ``k_lin`` and ``v`` ``[Hkv, e, Hkv, e]``: the blocks ``L_m E[head_m head_kᵀ] L_kᵀ``
+        of :func:`linear_fit`'s matrix for any group.
+        """
+        if ("tables", True) in self._cache:  # the aligned tables hold the mean ones too
+            return self._cache[("tables", True)]
+        key = ("tables", aligned)
+        if key in self._cache:
+            return self._cache[key]
+        sigma = self._sigma()
+        hkv, d, n1 = self.wk.shape
+        t: dict[str, torch.Tensor] = {}
+        yk = (self.wk.reshape(-1, n1) @ sigma).view(hkv, d, n1)  # W_k Σ, all heads at once
+        t["k_tr"] = torch.einsum("mdn,kdn->mk", yk, self.wk)
+        if aligned and not self.key_mean:
+            p, rot = self.rot // 2, self.rot
+            if p:
+                yre, yim = yk[:, :p].transpose(0, 1), yk[:, p:rot].transpose(0, 1)  # [P, Hkv, n+1]
+                re, im = self.wk[:, :p].transpose(0, 1), self.wk[:, p:rot].transpose(0, 1)
+                real = yre @ re.transpose(1, 2) + yim @ im.transpose(1, 2)  # E[re_m re_k + im_m im_k]
+                imag = yre @ im.transpose(1, 2) - yim @ re.transpose(1, 2)  # E[re_m im_k - im_m re_k]
+                t["k_pairs"] = torch.complex(real, imag)
+                t["k_pair_w"] = self._pair_weights(torch.arange(hkv))
+                del yre, yim, real, imag
+            if rot < d:
+                roots = torch.stack([self._nonrot_root(m)[0] for m in range(hkv)])
+                t["k_lin"] = _whitened_gram(yk[:, rot:], self.wk[:, rot:], roots)
+        del yk
+        yv = (self.wv.reshape(-1, n1) @ sigma).view(hkv, d, n1)
+        t["v_tr"] = torch.einsum("mdn,kdn->mk", yv, self.wv)
+        if aligned:
+            roots = torch.stack([self._v_root(m)[0] for m in range(hkv)])
+            t["v"] = _whitened_gram(yv, self.wv, roots)
+        self._cache[key] = t
+        return t
 
     def _v_fit(self, members: tuple[int, ...]) -> LinearFit:
         key = ("v", members)
         if key not in self._cache:
             ls, li = self._weights_v(members)
-            self._cache[key] = linear_fit(self.wv[torch.tensor(members)], self.sigma, ls, li)
+            self._cache[key] = linear_fit(self.wv[torch.tensor(members)], self._sigma(), ls, li)
         return self._cache[key]
 
     # -- the fit itself ------------------------------------------------------------------------
-    def merged(self, num_groups: int) -> dict[str, torch.Tensor]:
-        """New augmented weights ``{q: [H,d,n+1], k: [G,d,n+1], v: [G,d,n+1], o: [H,d,out]}`` for
-        contiguous groups of the (already permuted) heads."""
+    def fit(self, num_groups: int) -> ModuleFit:
+        """Fit each contiguous group of the (already permuted) heads: the maps :meth:`apply` folds."""
         hkv, d = self.wk.shape[:2]
+        g, p = hkv // num_groups, self.rot // 2
+        k_pairs: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        k_lin: list[LinearFit | None] = []
+        v: list[LinearFit] = []
+        for j in range(num_groups):
+            members = tuple(range(j * g, (j + 1) * g))
+            idx = torch.tensor(members)
+            pair = lin = None
+            if not self.key_mean and p:
+                a_w, w = self._pair_gram(members)
+                _, vec = torch.linalg.eigh(a_w)
+                u = vec[..., -1]  # [P, g] top eigenvector per pair
+                sw = w.sqrt().to(u.dtype)
+                c, a = sw * u, u.conj() / sw  # z_s = Σ c_m z_m ; z_m ≈ a_m z_s
+                lam = (w / w.sum(1, keepdim=True)).to(a.dtype).mul(a).sum(1, keepdim=True)  # [P, 1]
+                fallback = a.abs().pow(2).mean(1, keepdim=True).sqrt().to(a.dtype)
+                lam = torch.where(lam.abs() > 1e-6 * fallback.abs(), lam, fallback)
+                pair = (c * lam, a / lam)
+            if not self.key_mean and self.rot < d:
+                ls, li = self._weights_nonrot(members)
+                lin = linear_fit(self.wk[idx, self.rot :], self._sigma(), ls, li)
+            k_pairs.append(pair)
+            k_lin.append(lin)
+            v.append(self._v_fit(members))
+        return ModuleFit(num_groups, self.key_mean, k_pairs, k_lin, v)
+
+    def apply(self, fit: ModuleFit) -> dict[str, torch.Tensor]:
+        """New augmented weights ``{q: [H,d,n+1], k: [G,d,n+1], v: [G,d,n+1], o: [H,d,out]}``: the
+        shared heads built and each member's maps folded into its query rows and output columns."""
+        hkv, d = self.wk.shape[:2]
+        num_groups = fit.num_groups
         g, r, p = hkv // num_groups, self.r, self.rot // 2
         wq, o = self.wq.clone(), self.o.clone()
         k_new = torch.empty(num_groups, d, self.wk.shape[-1], dtype=torch.float64)
@@ -264,19 +398,12 @@ class ModuleStats:
         for j in range(num_groups):
             members = tuple(range(j * g, (j + 1) * g))
             idx = torch.tensor(members)
-            if self.key_mean:
+            if fit.key_mean:
                 k_new[j] = self.wk[idx].mean(0)
             else:
-                if p:
-                    a_w, w = self._pair_gram(members)
-                    _, vec = torch.linalg.eigh(a_w)
-                    u = vec[..., -1]  # [P, g] top eigenvector per pair
-                    sw = w.sqrt().to(u.dtype)
-                    c, a = sw * u, u.conj() / sw  # z_s = Σ c_m z_m ; z_m ≈ a_m z_s
-                    lam = (w / w.sum(1, keepdim=True)).to(a.dtype).mul(a).sum(1, keepdim=True)  # [P, 1]
-                    fallback = a.abs().pow(2).mean(1, keepdim=True).sqrt().to(a.dtype)
-                    lam = torch.where(lam.abs() > 1e-6 * fallback.abs(), lam, fallback)
-                    c, a = c * lam, a / lam
+                pair = fit.k_pairs[j]
+                if pair is not None:
+                    c, a = pair
                     wk = self.wk[idx]
                     re, im = wk[:, :p], wk[:, p : 2 * p]  # [g, P, n+1]
                     cr, ci = c.real.T[:, :, None], c.imag.T[:, :, None]  # [g, P, 1]
@@ -289,33 +416,65 @@ class ModuleStats:
                         qr, qi = self.wq[qs, :p], self.wq[qs, p : 2 * p]
                         wq[qs, :p] = al * qr - be * qi
                         wq[qs, p : 2 * p] = be * qr + al * qi
-                if self.rot < d:
-                    ls, li = self._weights_nonrot(members)
-                    f = linear_fit(self.wk[idx, self.rot :], self.sigma, ls, li)
+                f = fit.k_lin[j]
+                if f is not None:
                     k_new[j, self.rot :] = (f.c @ self.wk[idx, self.rot :]).sum(0)
                     for mi, m in enumerate(members):
                         qs = slice(m * r, (m + 1) * r)
                         wq[qs, self.rot :] = f.a[mi].T @ self.wq[qs, self.rot :]
-            f = self._v_fit(members)
+            f = fit.v[j]
             v_new[j] = (f.c @ self.wv[idx]).sum(0)
             for mi, m in enumerate(members):
                 qs = slice(m * r, (m + 1) * r)
                 o[qs] = f.a[mi].T @ self.o[qs]  # O_i A_m, in the [d, out] block layout
         return {"q": wq, "k": k_new, "v": v_new, "o": o}
 
+    def merged(self, num_groups: int) -> dict[str, torch.Tensor]:
+        """:meth:`fit` then :meth:`apply` for contiguous groups of ``num_groups``."""
+        return self.apply(self.fit(num_groups))
+
+
+def _weigh_pairs(gram: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary pair Gram ``[P, g, g]`` weighted by ``sqrt(w)`` on both sides (``w`` ``[P, g]``
+    regularised relative to the group's largest weight); returns it and ``w``."""
+    w = w + 1e-9 * w.amax().clamp_min(1e-30)
+    d = w.sqrt().to(gram.dtype)
+    return d[:, :, None] * gram * d[:, None, :], w
+
+
+def _whitened_gram(y: torch.Tensor, w: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
+    """``[H, e, H, e]`` blocks ``L_m (W_m Σ W_kᵀ) L_k`` from ``y = W Σ`` ``[H, e, n+1]``, the weights
+    ``w`` ``[H, e, n+1]`` and each head's symmetric weighting root ``L`` ``[H, e, e]``."""
+    h, e, n1 = w.shape
+    gram = (y.reshape(h * e, n1) @ w.reshape(h * e, n1).T).view(h, e, h, e)
+    gram = torch.einsum("mab,mbkc->makc", roots, gram)
+    return torch.einsum("makc,kcd->makd", gram, roots)
+
+
+def _subspace_residual(blocks: torch.Tensor, idx: torch.Tensor) -> tuple[float, float]:
+    """Residual and total energy of :func:`linear_fit` for the group ``idx``, from the whitened
+    blocks ``[H, e, H, e]`` (:func:`_whitened_gram`): the energy outside the top ``e`` eigenvalues."""
+    e = blocks.shape[1]
+    s = blocks[idx][:, :, idx].reshape(idx.numel() * e, idx.numel() * e)
+    lam = torch.linalg.eigvalsh(s).flip(0)[:e].clamp_min(0)
+    total = float(s.trace())
+    return max(total - float(lam.sum()), 0.0), total
+
 
 @dataclass
 class _ModulePlan:
     kv_perm: torch.Tensor | None  # new K/V slot -> old K/V head; None: contiguous
-    moments: ModuleMoments | None  # None: mean pooling after the permutation
+    fit: ModuleFit | None  # None: mean pooling after the permutation
 
 
 class CalibratedMerge:
     """``aligned`` (or ``mean`` with similarity grouping): needs calibration before streaming.
 
-    ``prepare(src, G)`` runs the calibration pass (see ``calibration.py``) and keeps, per module,
-    the head permutation and the input moments (``[n+1, n+1]``; float32 to halve memory);
-    ``merge`` then fits and folds when the converter streams that module.
+    ``prepare(src, G)`` runs the calibration pass (see ``calibration.py``) and, as each layer's
+    moments arrive, reads that module's weights, chooses its head permutation and fits it; it keeps
+    only the permutation and the fitted maps (:class:`ModuleFit`, ``~2·Hkv·d²`` floats), never the
+    ``[n+1, n+1]`` moments, so memory does not grow by a moment matrix per layer. ``merge`` folds
+    the maps into the weights when the converter streams that module.
     """
 
     def __init__(
@@ -374,7 +533,12 @@ class CalibratedMerge:
             self.plans.clear()
             for mom in iter_isotropic(src):
                 self._plan(mom, units[mom.module_name], src, dims.num_heads)
-        n_norm = sum(1 for p in self.plans.values() if p.moments is not None and p.moments.has_qk_norm)
+        n_norm = sum(1 for p in self.plans.values() if p.fit is not None and p.fit.key_mean)
+        logger.debug(
+            "calibrated %d modules; fitted maps kept until streaming: %.1f MB",
+            len(self.plans),
+            sum(p.fit.nbytes for p in self.plans.values() if p.fit is not None) / 1e6,
+        )
         if self.name == "aligned" and n_norm:
             logger.warning(
                 "%s normalises keys (q/k norms): keys are mean-pooled in %d modules, values aligned",
@@ -384,19 +548,38 @@ class CalibratedMerge:
         self._card_notes(tokens, n_norm)
 
     def _plan(self, mom: ModuleMoments, unit: dict, src: Source, num_heads: int) -> None:
+        """Group (similarity) and fit (aligned) one module as soon as its moments exist; the moments
+        are dropped when this returns."""
         perm = None
+        blocks = _read_blocks(src, unit) if self.grouping == "similarity" or self.name == "aligned" else {}
         if self.grouping == "similarity":
-            blocks = _read_blocks(src, unit)
-            stats = ModuleStats.build(blocks, mom, self._rot)
+            stats = ModuleStats.build(blocks, mom.sigma, self._rot, mom.has_qk_norm)
             hkv = stats.wk.shape[0]
             cost = stats.aligned_cost if self.name == "aligned" else stats.mean_cost
-            groups = best_partition(hkv, hkv // self._g, cost)
+            size = hkv // self._g
+            if self.name == "aligned":
+                # A group's aligned cost is an eigenvalue problem of size g·d, too slow for thousands
+                # of calls on large groups: a bounded search scores groups by their pairs' costs, then
+                # polishes with the real cost for about POLISH_WORK of eigenvalue work.
+                polish = min(MAX_EVALS, int(POLISH_WORK / (size * stats.wk.shape[1]) ** 3))
+                groups = best_partition(hkv, size, cost, pairwise=True, max_exact_evals=polish)
+            else:
+                groups = best_partition(hkv, size, cost)
+            del stats  # its cost tables are as large as the moments
             perm = kv_permutation(groups)
             if torch.equal(perm, torch.arange(hkv)):
                 perm = None
             logger.debug("%s: groups %s", mom.module_name, groups)
-        mom = ModuleMoments(mom.module_name, mom.sigma.float(), mom.num_tokens, mom.has_qk_norm)
-        self.plans[mom.module_name] = _ModulePlan(perm, mom if self.name == "aligned" else None)
+        fit = None
+        if self.name == "aligned":
+            if perm is not None:  # fit the heads in the order merge() will see them
+                n_q = blocks[_find(blocks, "q", "weight")]["q"].shape[0]  # type: ignore[index]
+                blocks = permute_blocks(blocks, perm, n_q)
+            # Rounded through float32 as the moments were stored before fits moved here, so the
+            # converted weights stay bit for bit what earlier releases wrote.
+            sigma = mom.sigma.float().double()
+            fit = ModuleStats.build(blocks, sigma, self._rot, mom.has_qk_norm).fit(self._g)
+        self.plans[mom.module_name] = _ModulePlan(perm, fit)
 
     def _card_notes(self, tokens: torch.Tensor, n_norm: int) -> None:
         data = self.calibration.data if self.calibration else "pre-tokenized tokens"
@@ -429,10 +612,14 @@ class CalibratedMerge:
         if plan.kv_perm is not None:
             num_heads = blocks[_find(blocks, "q", "weight")]["q"].shape[0]  # type: ignore[index]
             blocks = permute_blocks(blocks, plan.kv_perm, num_heads)
-        if plan.moments is None:
+        if plan.fit is None:
             return MeanPooling().merge(blocks, ctx)
-        stats = ModuleStats.build(blocks, plan.moments, self._rot)
-        new = stats.merged(ctx.num_kv_heads)
+        if plan.fit.num_groups != ctx.num_kv_heads:
+            raise ConfigError(
+                f"{ctx.module_name} was calibrated for {plan.fit.num_groups} K/V heads, not {ctx.num_kv_heads}"
+            )
+        stats = ModuleStats.build(blocks, None, self._rot, plan.fit.key_mean)
+        new = stats.apply(plan.fit)
         out = {s: dict(p) for s, p in blocks.items()}
         _write(out, "q", new["q"])
         ws = _find(out, "o", "weight")
@@ -494,6 +681,7 @@ def build_method(
 
 __all__: Iterable[str] = (
     "CalibratedMerge",
+    "ModuleFit",
     "ModuleStats",
     "build_method",
     "linear_fit",

@@ -223,7 +223,9 @@ def collect_moments(
     progress: bool = True,
 ) -> None:
     """Run the original model layer by layer over ``tokens`` ``[B, T]`` and report each converted
-    attention module's input moments to ``on_module`` as soon as its layer has run.
+    attention module's input moments to ``on_module`` as soon as its layer has run (and its
+    weights are dropped). Nothing here keeps the moments afterwards: memory stays at one layer
+    as long as ``on_module`` keeps only what it derives from them.
 
     Raises :class:`NotCalibratable` for families whose layers cannot run one at a time here
     (no causal-LM class, converted modules outside one stack of layers, e.g. T5's cross-attention).
@@ -333,13 +335,17 @@ def collect_moments(
         finally:
             for h in hooks:
                 h.remove()
-        for _mname, mod, ckpt_name in attn_of_layer[i]:
-            s, n = acc[ckpt_name]
-            qk_norm = any(
-                ("k_norm" in nm or "k_layernorm" in nm or "key_norm" in nm) for nm, _ in mod.named_modules()
-            )
-            on_module(ModuleMoments(ckpt_name, s / n, n, qk_norm))
-        layer.to("meta")  # drop the layer's weights: memory stays at one layer
+        qk_norms = [
+            any(("k_norm" in nm or "k_layernorm" in nm or "key_norm" in nm) for nm, _ in mod.named_modules())
+            for _mname, mod, _ckpt in attn_of_layer[i]
+        ]
+        # Drop the layer's weights before handing on its moments: the consumer reads and fits the
+        # attention weights next, so the two never sit in memory together.
+        layer.to("meta")
+        for (_mname, _mod, ckpt_name), qk_norm in zip(attn_of_layer[i], qk_norms, strict=True):
+            s, n = acc.pop(ckpt_name)  # popped: each [n+1, n+1] moment is freed once consumed
+            on_module(ModuleMoments(ckpt_name, s.div_(n), n, qk_norm))
+            del s
         bar.update(1)
     bar.close()
 

@@ -129,10 +129,14 @@ def test_aligned_beats_mean_on_a_trained_model(tmp_path, python_docs):
     from conftest import tiny_config
 
     torch.manual_seed(0)
-    text = "".join(p.read_text(errors="replace") for p in sorted((python_docs / "tutorial").glob("*.rst.txt")))
+    text = "".join(
+        p.read_text(errors="replace") for p in sorted((python_docs / "tutorial").glob("*.rst.txt"))
+    )
     ids = _char_ids(text)
     train, held = ids[:-20_000], ids[-20_000:]
-    cfg = tiny_config("llama", num_heads=8, num_kv_heads=8, hidden=64, max_position_embeddings=128, initializer_range=0.02)
+    cfg = tiny_config(
+        "llama", num_heads=8, num_kv_heads=8, hidden=64, max_position_embeddings=128, initializer_range=0.02
+    )
     model = AutoModelForCausalLM.from_config(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     seq, bs = 64, 8
@@ -165,9 +169,9 @@ def _word_tokenizer(folder, text: str) -> None:
     words = ["[UNK]", "[PAD]", "[EOS]"] + sorted(set(text.split()))[:125]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]").save_pretrained(
-        folder
-    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    ).save_pretrained(folder)
 
 
 def test_cli_aligned_with_calibration_and_card(make_model, tmp_path):
@@ -185,12 +189,21 @@ def test_cli_aligned_with_calibration_and_card(make_model, tmp_path):
     src, _ = make_model("llama")
     _word_tokenizer(src, text)
     runner = CliRunner()
-    args = [str(src), str(tmp_path / "out"), "-g", "2", "--calibration", str(calib), "--calibration-tokens", "256"]
+    args = [
+        str(src),
+        str(tmp_path / "out"),
+        "-g",
+        "2",
+        "--calibration",
+        str(calib),
+        "--calibration-tokens",
+        "256",
+    ]
     res = runner.invoke(app, [*args, "--grouping", "similarity", "--quiet"])
     assert res.exit_code == 0, res.output
     card = (tmp_path / "out" / "README.md").read_text()
     assert "`aligned`" in card and "`similarity`" in card
-    assert str(calib) in card and "256 tokens" in card
+    assert f"{calib.name}`, 256 tokens" in card  # the card may name the folder, or only its last part
     bad = runner.invoke(app, [str(src), str(tmp_path / "bad"), "-g", "2", "--method", "aligned"])
     assert bad.exit_code != 0 and "--calibration" in bad.output
     assert not (tmp_path / "bad").exists()
@@ -232,11 +245,17 @@ def test_real_smollm2_mqa_aligned_far_better_than_mean(smollm2_gguf, python_docs
     from gqa_uptrain.calibration import CalibrationSpec
 
     tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    ids = tok((python_docs / "tutorial" / "controlflow.rst.txt").read_text(), add_special_tokens=False)["input_ids"]
+    ids = tok((python_docs / "tutorial" / "controlflow.rst.txt").read_text(), add_special_tokens=False)[
+        "input_ids"
+    ]
     x = torch.tensor([ids[:256]])
     spec = CalibrationSpec(str(python_docs / "library"), num_tokens=2048)
     ce = {}
-    for name, g, method in [("original", 3, "mean"), ("mean", 1, "mean"), ("aligned", 1, CalibratedMerge("aligned", spec, progress=False))]:
+    for name, g, method in [
+        ("original", 3, "mean"),
+        ("mean", 1, "mean"),
+        ("aligned", 1, CalibratedMerge("aligned", spec, progress=False)),
+    ]:
         convert(smollm2_gguf, tmp_path / name, g, method, progress=False)
         model = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
         with torch.no_grad():
@@ -267,3 +286,100 @@ def test_library_convert_takes_calibration_by_keyword(make_model, tmp_path):
     with pytest.raises(ConfigError, match="without calibration"):
         convert(src, tmp_path / "bad", 2, "mean", calibration_tokens=256, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def _random_stats(rot: int, key_mean: bool, hkv: int = 4, r: int = 2, d: int = 8, n: int = 24):
+    from gqa_uptrain.aligned import ModuleStats
+
+    g = torch.Generator().manual_seed(rot * 2 + key_mean)
+    x = torch.randn(64, n + 1, generator=g, dtype=torch.float64)
+    x[:, -1] = 1
+    return ModuleStats(
+        wq=torch.randn(hkv * r, d, n + 1, generator=g, dtype=torch.float64),
+        wk=torch.randn(hkv, d, n + 1, generator=g, dtype=torch.float64),
+        wv=torch.randn(hkv, d, n + 1, generator=g, dtype=torch.float64),
+        o=torch.randn(hkv * r, d, n, generator=g, dtype=torch.float64),
+        sigma=x.T @ x / 64,
+        rot=rot,
+        key_mean=key_mean,
+    )
+
+
+@pytest.mark.parametrize(("rot", "key_mean"), [(8, False), (4, False), (0, False), (8, True)])
+def test_grouping_costs_equal_their_definitions(rot, key_mean):
+    """The grouping costs read per-module tables (every head against every head, computed once);
+    they must equal the definitions: mean pooling's relative error and the aligned fit's residual,
+    computed directly from the moments for each group."""
+    from gqa_uptrain.aligned import linear_fit
+
+    stats = _random_stats(rot, key_mean)
+    ref = _random_stats(rot, key_mean)  # same values, fresh caches: the direct route
+    sigma = ref.sigma
+    for members in [(0, 1), (1, 3), (0, 2, 3), (0, 1, 2, 3)]:
+        idx = torch.tensor(members)
+        mean = 0.0
+        for w in (ref.wk[idx], *(() if key_mean else (ref.wv[idx],))):
+            dev = w - w.mean(0, keepdim=True)
+            mean += float(((dev @ sigma) * dev).sum()) / float(((w @ sigma) * w).sum())
+        assert stats.mean_cost(members, keys_only=key_mean) == pytest.approx(mean, rel=1e-9)
+
+        v = ref._v_fit(members)
+        if key_mean:
+            want = mean + v.residual / v.total
+        else:
+            k_res = k_tot = 0.0
+            if rot:
+                a, _ = ref._pair_gram(members)
+                lam = torch.linalg.eigvalsh(a)
+                k_tot, k_res = float(lam.sum()), float(lam[:, :-1].sum())
+            if rot < 8:
+                f = linear_fit(ref.wk[idx, rot:], sigma, *ref._weights_nonrot(members))
+                k_res, k_tot = k_res + f.residual, k_tot + f.total
+            want = k_res / k_tot + v.residual / v.total
+        assert stats.aligned_cost(members) == pytest.approx(want, rel=1e-7, abs=1e-12)
+
+
+def test_prepare_keeps_only_fitted_maps_and_merges_bit_for_bit(make_model, tokens):
+    """prepare() fits each module as its layer is calibrated and keeps the small fitted maps, not
+    the [n+1, n+1] moments (memory bounded by one layer, not growing with depth); merge() then
+    writes exactly what fitting at merge time from the (float32-stored) moments wrote before."""
+    from gqa_uptrain.aligned import ModuleStats, _find, _module_tensors, _read_blocks, _write
+    from gqa_uptrain.architectures import get_architecture
+    from gqa_uptrain.calibration import collect_moments
+    from gqa_uptrain.checkpoint import open_source
+    from gqa_uptrain.merging import MergeContext
+
+    calib, _ = tokens
+    folder, _ = make_model("qwen2", num_heads=8, num_kv_heads=4, num_hidden_layers=3)  # biases, r = 2
+    src = open_source(folder)
+    try:
+        method = _aligned(calib, "similarity")
+        method.prepare(src, 2)
+        hkv, d, n = 4, 8, 64
+        for plan in method.plans.values():
+            tensors = [t for f in (*plan.fit.k_lin, *plan.fit.v) if f is not None for t in (f.c, f.a)]
+            tensors += [t for pair in plan.fit.k_pairs if pair for t in pair]
+            assert all(t.numel() < (n + 1) ** 2 for t in tensors)
+            assert plan.fit.nbytes < 2 * hkv * d * d * 8 + 4 * hkv * d * 16  # V maps + rotary pairs
+        moments = {}
+        collect_moments(src, calib, lambda m: moments.__setitem__(m.module_name, m), progress=False)
+        units = _module_tensors(src, get_architecture(src.config))
+        assert len(moments) == len(method.plans) == 3
+        for name, mom in moments.items():
+            blocks = _read_blocks(src, units[name])
+            got = method.merge(blocks, MergeContext(name, 2))
+            plan = method.plans[name]
+            if plan.kv_perm is not None:
+                from gqa_uptrain.grouping import permute_blocks
+
+                blocks = permute_blocks(blocks, plan.kv_perm, 8)
+            old = ModuleStats.build(blocks, mom.sigma.float(), method._rot, False).merged(2)
+            want = {s: dict(p) for s, p in blocks.items()}
+            for role in ("q", "k", "v"):
+                _write(want, role, old[role])
+            want[_find(want, "o", "weight")]["o"] = old["o"].to(torch.float32)
+            for s, parts in want.items():
+                for role, t in parts.items():
+                    assert torch.equal(got[s][role], t), (name, s, role)
+    finally:
+        src.close()
