@@ -67,6 +67,7 @@ from .config import OptimConfig, UptrainConfig, dump_recipe
 from .data import PackedData, prepare_data
 from .errors import CheckpointError, ConfigError, GQAError, OutputExistsError
 from .outputs import atomic_output_dir, atomic_write_text
+from .portability import make_folder_portable
 
 logger = logging.getLogger(__name__)
 
@@ -1161,6 +1162,8 @@ def _write_final_model(
         written.pop("torch_dtype", None)
         atomic_write_text(config_file, json.dumps(written, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(tmp)
+        # Loadable by transformers 4.x too, and no loading flags of this machine in tokenizer_config.json.
+        make_folder_portable(tmp)
         src = Path(cfg.model.path).expanduser()
         if src.is_dir():
             # Carry what save_pretrained does not write: the card and any shipped modelling code.
