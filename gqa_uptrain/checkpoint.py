@@ -60,7 +60,8 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.gguf"]
+# README.md: the source's card, for the license and base model the converted card carries over.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.gguf", "README.md"]
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from .outputs import (
     clean_stale_siblings,
     tree_bytes,
 )
+from .portability import make_folder_portable
 from .writer import PlannedTensor, ShardedWriter, parse_size, planned_files
 
 logger = logging.getLogger(__name__)
@@ -368,6 +369,8 @@ def convert(
     src = open_source(source, revision=revision, token=token, gguf_file=gguf_file, allow_pickle=allow_pickle)
     try:
         config = src.config
+        dtype = _source_dtype(src, dtype)
+        target_dtype = _target_dtype(dtype)
         planned, arch, units = _plan(src, num_kv_heads, dtype, shard_bytes)
         plan = planned.tensors
         # Before the calibration (minutes) and before a byte is written: a disk too small to hold
@@ -405,6 +408,7 @@ def convert(
         notes = getattr(merge, "card_notes", None)
         if notes is not None:  # methods may describe themselves in the model card
             result.extra["card_notes"] = list(notes())
+        result.extra["grouping"] = getattr(merge, "grouping", grouping)  # the card credits its source
 
         # The space is checked again here: the calibration may have taken minutes, and other
         # writers may have used the disk meanwhile.
@@ -416,7 +420,7 @@ def convert(
             result.seconds = time.perf_counter() - t0
             from .card import write_conversion_card
 
-            write_conversion_card(tmp, result, config)
+            write_conversion_card(tmp, result, config, source=src)
             result.files = sorted(p.name for p in tmp.iterdir())
     finally:
         src.close()
@@ -458,12 +462,26 @@ def plan_conversion(
         check_output_dir(output, overwrite)
     src = open_source(source, revision=revision, token=token, gguf_file=gguf_file, allow_pickle=allow_pickle)
     try:
-        planned, _, _ = _plan(src, num_kv_heads, dtype, shard_bytes)
+        planned, _, _ = _plan(src, num_kv_heads, _source_dtype(src, dtype), shard_bytes)
     finally:
         src.close()
     if output is not None:
         _check_output_room(output, planned, clean=False)
     return planned
+
+
+def _source_dtype(src: Source, dtype: str | None) -> str | None:
+    """``dtype``, or the source's own default when none is asked for (a GGUF is read dequantized to
+    float32; a quantized one is written in bfloat16, see ``gguf_source.NATURAL_DTYPES``)."""
+    default = src.extra.get("default_dtype")
+    if dtype is None and default:
+        logger.info(
+            "writing %s weights (the source is a %s GGUF); --dtype float32 keeps full float32",
+            default,
+            src.extra.get("gguf_weight_type", "quantized"),
+        )
+        return str(default)
+    return dtype
 
 
 def _target_dtype(dtype: str | None) -> torch.dtype | None:
@@ -676,3 +694,6 @@ def _write_support_files(src: Source, arch: Architecture, folder: Path, out_conf
     if arch.remote_code is not None:
         for path in arch.remote_code.files():
             shutil.copyfile(path, folder / Path(path).name)
+    # Loadable by transformers 4.x too (llama.cpp's converter pins it), with no flags of this machine;
+    # a tokenizer rebuilt from GGUF metadata gets the model's context length instead of "no limit".
+    make_folder_portable(folder, fill_model_max_length=src.gguf_file is not None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,10 @@ from .checkpoint import Source, TensorInfo
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
+
+# The dtype a conversion writes by default for a GGUF whose weights are of this type; any quantized
+# type (Q4_1, Q8_0, K-quants, ...) gets bfloat16.
+NATURAL_DTYPES = {"F32": "float32", "F64": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 class GGUFReader:
@@ -56,6 +61,24 @@ class GGUFReader:
     def infos(self) -> list[TensorInfo]:
         return list(self._infos)
 
+    def weight_type(self) -> str:
+        """The GGUF type of most weight matrices (``Q4_1``, ``F16``, ...); norms and biases do not count."""
+        from collections import Counter
+
+        types = Counter(t.tensor_type.name for t in self._tensors.values() if len(t.shape) >= 2)
+        return types.most_common(1)[0][0] if types else "F32"
+
+    def metadata(self) -> dict[str, Any]:
+        """The file's ``general.*`` metadata (name, license, base models, source URLs) as plain values."""
+        out: dict[str, Any] = {}
+        for key, f in self._reader.fields.items():
+            if key.startswith("general."):
+                try:
+                    out[key] = f.contents()
+                except Exception:  # an odd field type must not stop a conversion for a card detail
+                    logger.debug("GGUF field %s could not be read", key)
+        return out
+
     def read(self, info: TensorInfo) -> torch.Tensor:
         t = self._tensors[info.name]
         w = self._dequantize(t.data, t.tensor_type)
@@ -92,13 +115,20 @@ def open_gguf(path: Path, name: str) -> Source:
     arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config_dict.get("model_type", ""))
     if arch and not config_dict.get("architectures"):
         config_dict["architectures"] = [arch]
-    config_dict["dtype"] = "float32"  # GGUF tensors are dequantized to float32
+    reader = GGUFReader(path, config)
+    weight_type = reader.weight_type()
+    # Tensors are dequantized to float32 when read; what is written by default is the narrowest
+    # float that holds the file's weights: a quantized GGUF in bfloat16 (its blocks carry far less
+    # than bf16's precision, and float32 would double the size for nothing), F16/BF16 as they are.
+    natural = NATURAL_DTYPES.get(weight_type, "bfloat16")
+    config_dict["dtype"] = natural
     return Source(
         folder=path.parent,
         config=config_dict,
-        reader=GGUFReader(path, config),
+        reader=reader,
         name=name,
         gguf_file=path,
+        extra={"default_dtype": natural, "gguf_weight_type": weight_type, "gguf_metadata": reader.metadata()},
     )
 
 

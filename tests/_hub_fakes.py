@@ -78,3 +78,34 @@ class FakeHub:
 
     def kwargs(self, name: str) -> dict:
         return next(kw for n, kw in self.calls if n == name)
+
+
+class FakeHubDownloads:
+    """``huggingface_hub.snapshot_download`` served from local folders, laid out as the real cache.
+
+    ``repos`` maps a repo id to the local folder playing its remote; a download copies the files
+    ``allow_patterns`` admits into ``CACHE/models--OWNER--NAME/snapshots/SHA/`` and returns that
+    folder, as huggingface_hub does. ``calls`` records each call's arguments.
+    """
+
+    def __init__(self, monkeypatch, cache: Path, repos: dict[str, Path]):
+        import fnmatch
+        import shutil
+
+        import huggingface_hub
+
+        self.calls: list[dict] = []
+        hub = self
+
+        def snapshot_download(repo_id, revision=None, token=None, allow_patterns=None, **kw):
+            hub.calls.append(
+                {"repo_id": repo_id, "revision": revision, "allow_patterns": allow_patterns, **kw}
+            )
+            snapshot = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "0123abcd"
+            snapshot.mkdir(parents=True, exist_ok=True)
+            for p in repos[repo_id].iterdir():
+                if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in allow_patterns or ["*"]):
+                    shutil.copyfile(p, snapshot / p.name)
+            return str(snapshot)
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)

@@ -172,8 +172,10 @@ def test_card_from_real_gqa_eval_json(folder, converted_once, tmp_path, monkeypa
     card = ModelCard(str(push_folder(folder, REPO, dry_run=True, eval_json=eval_json).plan.card))
     (r,) = card.data.eval_results
     assert r.metric_type == "perplexity" and r.metric_value == round(report.model.perplexity.perplexity, 4)
-    assert (r.dataset_type, r.dataset_name, r.dataset_split) == ("text", str(text), "train")
-    assert f"**{folder}** (this model) | 2 | 256 B |" in card.text  # GQA-2: half the original's KV cache
+    # Local paths are named by their last component: the card names no folder of this machine.
+    assert (r.dataset_type, r.dataset_name, r.dataset_split) == ("text", text.name, "train")
+    assert f"**{folder.name}** (this model) | 2 | 256 B |" in card.text  # GQA-2: half the original's KV cache
+    assert str(tmp_path) not in str(card)
     assert "| 4 | 512 B |" in card.text  # the baseline's row
 
 

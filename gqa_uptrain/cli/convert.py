@@ -111,8 +111,8 @@ def convert(
     dtype: Annotated[
         DType | None,
         typer.Option(
-            help="Cast floating-point weights to this dtype. Default: keep the source's dtype "
-            "(GGUF sources are dequantized to float32).",
+            help="Cast floating-point weights to this dtype. Default: keep the source's dtype; a quantized "
+            "GGUF source is written in bfloat16 (float16/bfloat16/float32 GGUFs as they are).",
             rich_help_panel=IO,
             show_default=False,
         ),
