@@ -22,7 +22,10 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import huggingface_hub
 import pytest
+import safetensors
+import tokenizers
 import torch
 import torch.nn.functional as F
 import transformers
@@ -632,8 +635,9 @@ except ImportError:
     pass
 else:
     raise SystemExit("gqa_uptrain is importable")
-if sys.argv[2] not in sys.path:  # the transformers under test (e.g. an older one on PYTHONPATH)
-    sys.path.insert(0, sys.argv[2])
+for home in reversed(json.loads(sys.argv[2])):  # the transformers under test, e.g. from PYTHONPATH
+    if home not in sys.path:
+        sys.path.insert(0, home)
 import torch, transformers
 transformers.logging.set_verbosity_error()
 jobs = json.loads(sys.argv[1])
@@ -672,11 +676,13 @@ def run_remote_code(jobs: list[dict], tmp_path: Path) -> dict:
     """Load each job's folder with trust_remote_code in a subprocess where gqa_uptrain is not importable.
 
     ``-I`` drops the current directory and PYTHON* variables from the path; the script also blocks the
-    package in ``sys.modules`` in case it is installed in the environment (editable install). The folder
-    holding the transformers imported here goes first on the subprocess's path, so that the remote code
-    runs on the transformers under test even when that comes from ``PYTHONPATH``.
+    package in ``sys.modules`` in case it is installed in the environment (editable install). The folders
+    holding the transformers imported here and its hub and tokenizer libraries go first on the
+    subprocess's path, so that the remote code runs on the versions under test even when those come from
+    ``PYTHONPATH`` (as when checking another transformers release).
     """
-    transformers_home = str(Path(transformers.__file__).resolve().parent.parent)
+    libraries = (transformers, huggingface_hub, tokenizers, safetensors)
+    homes = [str(Path(m.__file__).resolve().parent.parent) for m in libraries]
     modules = tmp_path / "hf_modules"
     env = {
         "HF_MODULES_CACHE": str(modules),
@@ -685,7 +691,7 @@ def run_remote_code(jobs: list[dict], tmp_path: Path) -> dict:
         "HOME": str(tmp_path),
     }
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", textwrap.dedent(REMOTE_SCRIPT), json.dumps(jobs), transformers_home],
+        [sys.executable, "-I", "-c", textwrap.dedent(REMOTE_SCRIPT), json.dumps(jobs), json.dumps(homes)],
         cwd=tmp_path,
         env=env,
         capture_output=True,

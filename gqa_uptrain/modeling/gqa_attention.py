@@ -266,7 +266,8 @@ def resolve_cache(kwargs: MutableMapping[str, Any], *named: Any) -> Cache | None
     ``**kwargs``, where it is silently ignored: generation then runs without a cache, recomputing the
     prefix every step. Accepting every known name, and any ``Cache`` instance under an unknown one, means
     a future rename still reaches the cache; two different caches in one call raise rather than one of
-    them being dropped.
+    them being dropped. (Owning the stock blocks' forwards instead would copy each family's block code
+    into these files, to go stale on the next change of norms, residuals or arguments there.)
     """
     found: dict[int, Any] = {}
     for value in named:
