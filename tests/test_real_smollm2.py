@@ -38,7 +38,10 @@ def test_gguf_converts_to_mqa_and_loads(converted, heldout_ids, smollm2_gguf):
     assert model.model.layers[0].self_attn.k_proj.weight.shape == (64, 576)
     tok = AutoTokenizer.from_pretrained(out)
     prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "What is Python?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": "What is Python?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     gen = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert gen.shape[1] == prompt["input_ids"].shape[1] + 8
