@@ -50,9 +50,13 @@ def smollm2_gguf() -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=ROOT / "demo_out", help="where checkpoints are written")
+    parser.add_argument(
+        "--workdir", type=Path, default=ROOT / "demo_out", help="where checkpoints are written"
+    )
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for perplexity")
-    parser.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens for aligned")
+    parser.add_argument(
+        "--calibration-tokens", type=int, default=16384, help="calibration tokens for aligned"
+    )
     parser.add_argument("--steps", type=int, default=20, help="uptraining steps (batch 4 x 128 tokens)")
     parser.add_argument("--skip-uptrain", action="store_true", help="convert and evaluate only")
     args = parser.parse_args()
@@ -124,14 +128,18 @@ def main() -> None:
         kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4  # float32 bytes
         rows.append((label, cfg.num_key_value_heads, kv, ppl, answer))
 
-    table = Table(title=f"SmolLM2-135M-Instruct, held-out perplexity on the Python tutorial ({len(ids)} tokens)")
+    table = Table(
+        title=f"SmolLM2-135M-Instruct, held-out perplexity on the Python tutorial ({len(ids)} tokens)"
+    )
     table.add_column("model")
     table.add_column("K/V heads", justify="right")
     table.add_column("KV cache / token", justify="right")
     table.add_column("perplexity", justify="right")
     table.add_column("greedy answer to 'What is a Python list?'", max_width=48)
     for label, g, kv, ppl, answer in rows:
-        table.add_row(label, str(g), f"{kv / 1024:.1f} KiB", f"{ppl:,.1f}", answer.strip().replace("\n", " ")[:90])
+        table.add_row(
+            label, str(g), f"{kv / 1024:.1f} KiB", f"{ppl:,.1f}", answer.strip().replace("\n", " ")[:90]
+        )
     console.print(table)
     base, by_mean = rows[0][3], rows[1][3]
     console.print(

@@ -505,8 +505,11 @@ def markdown(result: dict[str, Any]) -> str:
         "## Held-out perplexity",
         "",
         "Uptraining: alpha x N more steps of the pretraining recipe (at its final learning rate, fresh AdamW state"
-        + (f", the rate ramped up over the first {result['uptrain_warmup']} steps (at most half a run)"
-           if result.get("uptrain_warmup") else ", no warmup, as the paper continues its recipe")
+        + (
+            f", the rate ramped up over the first {result['uptrain_warmup']} steps (at most half a run)"
+            if result.get("uptrain_warmup")
+            else ", no warmup, as the paper continues its recipe"
+        )
         + "). At G = H conversion is the identity, "
         "so the first row is the original MHA model, uptrained the same number of steps as a control.",
         "",

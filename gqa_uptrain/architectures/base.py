@@ -214,7 +214,9 @@ class Architecture:
             out["architectures"] = rc.architectures(list(config.get("architectures") or []))
         return out
 
-    def kv_cache_bytes_per_token(self, config: Mapping[str, Any], num_kv_heads: int | None, itemsize: int) -> int:
+    def kv_cache_bytes_per_token(
+        self, config: Mapping[str, Any], num_kv_heads: int | None, itemsize: int
+    ) -> int:
         """Bytes of K and V cached per generated token, over all cached modules.
 
         ``num_kv_heads`` overrides the converted modules' K/V heads (None: as in ``config``).
@@ -245,7 +247,9 @@ def standard_dims(
             d = cfg.get(head_dim_key) if head_dim_key else None
             d = int(d) if d else int(cfg[hidden_key]) // h
         except KeyError as e:
-            raise CheckpointError(f"config.json has no {e.args[0]!r}; is this a complete checkpoint?") from None
+            raise CheckpointError(
+                f"config.json has no {e.args[0]!r}; is this a complete checkpoint?"
+            ) from None
         return AttentionDims(h, hkv, d)
 
     return read
