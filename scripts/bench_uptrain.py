@@ -2,7 +2,7 @@
 """Tokens/s of ``gqa-uptrain``'s loop against a plain Hugging Face ``Trainer``, side by side.
 
 Both train the same model on the same packed blocks (python3.11-doc text, tokenized once by
-``gqa_uptrain.data``) with the same batch, accumulation, optimizer (fused AdamW), schedule
+``gqa_uptrain.data.text``) with the same batch, accumulation, optimizer (fused AdamW), schedule
 (warmup + cosine), gradient clipping and precision (bf16 autocast on a GPU, float32 on CPU), with
 evaluation, logging and checkpointing off in the timed part. Each side is timed from its first
 training step to its last (model loading, tokenization and the final save excluded); runs are
@@ -74,8 +74,8 @@ def recipe(args: argparse.Namespace, model: Path, out: Path, cache: Path) -> dic
 
 
 def run_ours(args: argparse.Namespace, model: Path, work: Path, i: int) -> float:
-    from gqa_uptrain.config import config_from_dict
-    from gqa_uptrain.training import uptrain
+    from gqa_uptrain.training.config import config_from_dict
+    from gqa_uptrain.training.loop import uptrain
 
     r = uptrain(config_from_dict(recipe(args, model, work / f"ours{i}", work / "cache")))
     return r.tokens / r.seconds
@@ -84,8 +84,8 @@ def run_ours(args: argparse.Namespace, model: Path, work: Path, i: int) -> float
 def run_trainer(args: argparse.Namespace, model_path: Path, work: Path, i: int, mixed_bf16: bool) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from gqa_uptrain.config import config_from_dict
-    from gqa_uptrain.data import prepare_data
+    from gqa_uptrain.data.text import prepare_data
+    from gqa_uptrain.training.config import config_from_dict
 
     cfg = config_from_dict(recipe(args, model_path, work / "unused", work / "cache"))
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gqa_uptrain import convert  # noqa: E402
-from gqa_uptrain.config import load_recipe  # noqa: E402
 from gqa_uptrain.evaluation.perplexity import perplexity, tokenize_documents  # noqa: E402
-from gqa_uptrain.training import uptrain  # noqa: E402
+from gqa_uptrain.training.config import load_recipe  # noqa: E402
+from gqa_uptrain.training.loop import uptrain  # noqa: E402
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 console = Console()

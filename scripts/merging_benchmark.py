@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gqa_uptrain.aligned import CalibratedMerge
 from gqa_uptrain.calibration import CalibrationSpec
-from gqa_uptrain.conversion import convert
+from gqa_uptrain.conversion.pipeline import convert
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 VARIANTS = [

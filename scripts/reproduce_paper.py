@@ -51,7 +51,7 @@ from gqa_uptrain.evaluation import (
     perplexity,
     tokenize_documents,
 )
-from gqa_uptrain.outputs import atomic_output_dir, check_output_dir
+from gqa_uptrain.io.outputs import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger("reproduce_paper")
 
@@ -271,8 +271,8 @@ def train(
     whatever its gradient. Every uptraining run gets the same data order, so methods and
     head counts are compared on identical batches.
     """
-    from gqa_uptrain.config import config_from_dict
-    from gqa_uptrain.training import uptrain
+    from gqa_uptrain.training.config import config_from_dict
+    from gqa_uptrain.training.loop import uptrain
 
     model_dir = out / "model"
     if (model_dir / "config.json").is_file():  # finished in an earlier, interrupted run

@@ -25,7 +25,7 @@ def use_fake_login(tmp_path: Path, monkeypatch, token: str) -> None:
 
 
 class FakeHub:
-    """Records the HfApi calls gqa_uptrain.hub makes; ``fail`` makes ``upload_folder`` raise once.
+    """Records the HfApi calls gqa_uptrain.hub.publish makes; ``fail`` makes ``upload_folder`` raise once.
 
     ``tokens`` holds the token each ``create_repo`` saw, ``upload_tokens`` those of the uploads;
     ``card_at_upload`` is the README an upload found, ``uploaded`` every file of the last

@@ -12,7 +12,7 @@ from conftest import NATIVE_FAMILIES
 from transformers import AutoModelForCausalLM
 
 from gqa_uptrain.aligned import CalibratedMerge, rotary_dims
-from gqa_uptrain.conversion import convert
+from gqa_uptrain.conversion.pipeline import convert
 from gqa_uptrain.errors import ConfigError
 
 
@@ -346,7 +346,7 @@ def test_prepare_keeps_only_fitted_maps_and_merges_bit_for_bit(make_model, token
     from gqa_uptrain.aligned import ModuleStats, _find, _module_tensors, _read_blocks, _write
     from gqa_uptrain.architectures import get_architecture
     from gqa_uptrain.calibration import collect_moments
-    from gqa_uptrain.checkpoint import open_source
+    from gqa_uptrain.io.checkpoint import open_source
     from gqa_uptrain.merging import MergeContext
 
     calib, _ = tokens

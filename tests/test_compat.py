@@ -166,8 +166,8 @@ def test_gguf_source_output_size_card_and_files(smol_output, smollm2_gguf, tmp_p
     from _hub_fakes import use_fake_login
     from huggingface_hub import ModelCard
 
-    from gqa_uptrain.checkpoint import read_safetensors_header
-    from gqa_uptrain.hub import push_folder
+    from gqa_uptrain.hub.publish import push_folder
+    from gqa_uptrain.io.checkpoint import read_safetensors_header
 
     config = json.loads((smol_output / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["rope_theta"] == 100000.0

@@ -1,4 +1,4 @@
-"""Recipe validation: typed sections, errors naming the key, overrides, budgets (gqa_uptrain.config)."""
+"""Recipe validation: typed sections, errors naming the key, overrides, budgets (gqa_uptrain.training.config)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gqa_uptrain.config import UptrainConfig, apply_overrides, config_from_dict, dump_recipe, load_recipe
 from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.training.config import (
+    UptrainConfig,
+    apply_overrides,
+    config_from_dict,
+    dump_recipe,
+    load_recipe,
+)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 MINIMAL = {

@@ -256,7 +256,7 @@ def test_query_and_output_projections_are_copied_not_decoded(make_model, tmp_pat
     """Methods that change only K/V (mean/first/random) copy q_proj/o_proj byte for byte through
     the reader's raw copy (the fast path that keeps the converter near disk speed); K/V are merged.
     A method that rewrites Q/O (aligned) or a dtype cast goes through tensors instead."""
-    from gqa_uptrain.checkpoint import SafetensorsReader
+    from gqa_uptrain.io.checkpoint import SafetensorsReader
 
     src, _ = make_model("llama")
     copied: list[str] = []

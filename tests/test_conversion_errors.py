@@ -120,7 +120,7 @@ def test_existing_output_refused_unless_overwrite(make_model, tmp_path):
 
 
 def test_failure_mid_write_leaves_nothing(make_model, tmp_path, monkeypatch):
-    from gqa_uptrain import writer
+    from gqa_uptrain.io import writer
 
     src, _ = make_model("llama")
     out = tmp_path / "out"
@@ -278,7 +278,7 @@ def test_disk_filling_up_mid_write_is_one_line_and_leaves_nothing(make_model, sm
     the partial output removed and the existing OUTPUT (replaced with --overwrite) kept."""
     from typer.testing import CliRunner
 
-    from gqa_uptrain.checkpoint import SafetensorsReader
+    from gqa_uptrain.io.checkpoint import SafetensorsReader
 
     disk, real = small_disk
     src, _ = make_model("llama", hidden=256)
@@ -309,8 +309,8 @@ def test_disk_filling_up_mid_write_is_one_line_and_leaves_nothing(make_model, sm
 _HANGING_CONVERSION = r"""
 import sys, time
 from pathlib import Path
-from gqa_uptrain import writer
-from gqa_uptrain.conversion import convert
+from gqa_uptrain.io import writer
+from gqa_uptrain.conversion.pipeline import convert
 
 src, out, marker = sys.argv[1:4]
 real_next = writer.ShardedWriter._next
@@ -332,7 +332,7 @@ def test_killed_conversion_is_cleaned_up_by_the_next_run(make_model, tmp_path, c
     import signal
     import time
 
-    from gqa_uptrain.outputs import _host_tag
+    from gqa_uptrain.io.outputs import _host_tag
 
     src, _ = make_model("llama", hidden=256)
     out, marker = tmp_path / "out", tmp_path / "marker"
@@ -363,7 +363,7 @@ def test_killed_conversion_is_cleaned_up_by_the_next_run(make_model, tmp_path, c
         live.mkdir()
         (live / "model.safetensors").write_bytes(b"in progress")
 
-        with caplog.at_level(logging.WARNING, logger="gqa_uptrain.outputs"):
+        with caplog.at_level(logging.WARNING, logger="gqa_uptrain.io.outputs"):
             convert(src, out, 2, progress=False)
         assert not stale.exists()
         assert f"removed {stale}, left by an interrupted run (pid {child.pid}" in caplog.text

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gqa_uptrain.checkpoint import SafetensorsReader
-from gqa_uptrain.conversion import convert, plan_conversion
+from gqa_uptrain.conversion.pipeline import convert, plan_conversion
 from gqa_uptrain.errors import DiskFullError
-from gqa_uptrain.writer import planned_files
+from gqa_uptrain.io.checkpoint import SafetensorsReader
+from gqa_uptrain.io.writer import planned_files
 
 DTYPE_CODES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 

@@ -1,4 +1,4 @@
-"""Data loading, held-out splitting, tokenization cache and packing (gqa_uptrain.data)."""
+"""Data loading, held-out splitting, tokenization cache and packing (gqa_uptrain.data.text)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import datasets
 import pytest
 from _uptrain_fixtures import build_tokenizer, copy_docs
 
-from gqa_uptrain import data as data_mod
-from gqa_uptrain.data import DataConfig, load_text_dataset, prepare_data, tokenize_and_pack
+from gqa_uptrain.data import text as data_mod
+from gqa_uptrain.data.text import DataConfig, load_text_dataset, prepare_data, tokenize_and_pack
 from gqa_uptrain.errors import GQAError
 
 

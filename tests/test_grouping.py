@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gqa_uptrain.aligned import CalibratedMerge
-from gqa_uptrain.conversion import convert
+from gqa_uptrain.conversion.pipeline import convert
 from gqa_uptrain.grouping import (
     EXHAUSTIVE_LIMIT,
     MAX_EVALS,

@@ -19,10 +19,10 @@ from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
 from gqa_uptrain import CheckpointError, ConfigError, convert
-from gqa_uptrain.card import parse_eval_json, pick_eval_entry, validate_card
 from gqa_uptrain.cli.convert import app as convert_app
 from gqa_uptrain.cli.export import app as export_app
-from gqa_uptrain.hub import HubError, push_folder
+from gqa_uptrain.hub.card import parse_eval_json, pick_eval_entry, validate_card
+from gqa_uptrain.hub.publish import HubError, push_folder
 
 FAKE_TOKEN = "hf_FAKEtoken1234567890"
 REPO = "someone/tiny-llama-gqa2"

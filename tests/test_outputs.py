@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gqa_uptrain.errors import DiskFullError, GQAError, OutputExistsError
-from gqa_uptrain.outputs import (
+from gqa_uptrain.io.outputs import (
     _host_tag,
     atomic_output_dir,
     check_free_space,
@@ -105,7 +105,7 @@ def test_stale_folder_of_dead_process_removed_live_and_unknown_kept(tmp_path, ca
     for p in (dead, live, remote, legacy, moved_aside, unrelated):
         p.mkdir()
         (p / "model.safetensors").write_bytes(b"\0" * 1000)
-    with caplog.at_level(logging.INFO, logger="gqa_uptrain.outputs"):
+    with caplog.at_level(logging.INFO, logger="gqa_uptrain.io.outputs"):
         removed = clean_stale_siblings(tmp_path / "out")
     assert removed == [dead] and not dead.exists()
     for kept in (live, remote, legacy, moved_aside, unrelated):
@@ -122,7 +122,7 @@ def test_stale_folder_of_dead_process_removed_live_and_unknown_kept(tmp_path, ca
 def test_dry_run_cleanup_only_reports(tmp_path, caplog):
     dead = tmp_path / f".out.tmp-{dead_pid()}@{_host_tag()}-abcd1234"
     dead.mkdir()
-    with caplog.at_level(logging.WARNING, logger="gqa_uptrain.outputs"):
+    with caplog.at_level(logging.WARNING, logger="gqa_uptrain.io.outputs"):
         assert clean_stale_siblings(tmp_path / "out", remove=False) == [dead]
     assert dead.exists() and "a real run removes it" in caplog.text
 

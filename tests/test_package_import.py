@@ -48,12 +48,12 @@ def test_import_loads_neither_torch_nor_transformers():
 
 def test_lazy_names_are_the_real_objects():
     from gqa_uptrain import ConversionResult, convert, evaluate, load_recipe, push_folder, uptrain
-    from gqa_uptrain.config import load_recipe as config_load_recipe
-    from gqa_uptrain.conversion import ConversionResult as CR
-    from gqa_uptrain.conversion import convert as conversion_convert
+    from gqa_uptrain.conversion.pipeline import ConversionResult as CR
+    from gqa_uptrain.conversion.pipeline import convert as conversion_convert
     from gqa_uptrain.evaluation import evaluate as evaluation_evaluate
-    from gqa_uptrain.hub import push_folder as hub_push_folder
-    from gqa_uptrain.training import uptrain as training_uptrain
+    from gqa_uptrain.hub.publish import push_folder as hub_push_folder
+    from gqa_uptrain.training.config import load_recipe as config_load_recipe
+    from gqa_uptrain.training.loop import uptrain as training_uptrain
 
     assert uptrain is training_uptrain and evaluate is evaluation_evaluate
     assert load_recipe is config_load_recipe and convert is conversion_convert and ConversionResult is CR

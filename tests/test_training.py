@@ -1,4 +1,4 @@
-"""The uptraining loop end to end on tiny GQA Llamas and real text (gqa_uptrain.training, gqa-uptrain)."""
+"""The uptraining loop end to end on tiny GQA Llamas and real text (gqa_uptrain.training.loop, gqa-uptrain)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from gqa_uptrain import training
 from gqa_uptrain.cli.uptrain import app
-from gqa_uptrain.config import config_from_dict
 from gqa_uptrain.errors import CheckpointError, ConfigError, GQAError, OutputExistsError
-from gqa_uptrain.training import align_deepspeed_plugin, checkpoint_dtype, run_lock, uptrain
+from gqa_uptrain.training import loop as training
+from gqa_uptrain.training.config import config_from_dict
+from gqa_uptrain.training.loop import align_deepspeed_plugin, checkpoint_dtype, run_lock, uptrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -238,7 +238,7 @@ if os.environ.get("LOCAL_RANK") is not None and os.environ.get("GQA_RANK_DUMP"):
     import torch
     import torch.distributed as dist
 
-    from gqa_uptrain import training
+    from gqa_uptrain.training import loop as training
 
     _real = training._save_final_model
 
@@ -534,7 +534,7 @@ def _train_blocks(world: Path, tmp_path: Path, **sections) -> int:
     """How many training blocks the recipe's data gives (from the cache the runs share)."""
     from transformers import AutoTokenizer
 
-    from gqa_uptrain.data import prepare_data
+    from gqa_uptrain.data.text import prepare_data
 
     cfg = config_from_dict(tiny_recipe(world, tmp_path / "unused", **sections))
     data = prepare_data(
@@ -624,7 +624,7 @@ import os
 import time
 
 if os.environ.get("RANK") == os.environ.get("GQA_FAIL_RANK") and os.environ.get("GQA_FAIL_AT"):
-    from gqa_uptrain import training
+    from gqa_uptrain.training import loop as training
 
     def _fail(*args, **kwargs):
         raise RuntimeError("disk on fire")

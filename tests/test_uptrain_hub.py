@@ -17,11 +17,11 @@ from _uptrain_fixtures import build_world, tiny_recipe
 from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
-from gqa_uptrain import training
 from gqa_uptrain.cli.uptrain import app
-from gqa_uptrain.config import config_from_dict
 from gqa_uptrain.errors import ConfigError
-from gqa_uptrain.hub import HubError
+from gqa_uptrain.hub.publish import HubError
+from gqa_uptrain.training import loop as training
+from gqa_uptrain.training.config import config_from_dict
 
 FAKE_TOKEN = "hf_FAKEuptrainToken0987654321"
 REPO_ID = "someone/tiny-uptrained"

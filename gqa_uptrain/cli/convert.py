@@ -12,13 +12,13 @@ import typer
 from rich.table import Table
 
 from ..calibration import DEFAULT_TOKENS
-from ..card import _fmt_bytes
 from ..grouping import GROUPINGS
+from ..hub.card import _fmt_bytes
 from ..merging import METHODS
 from ._common import console, main_for, make_app, run_command, setup_logging
 
 if TYPE_CHECKING:
-    from ..conversion import ConversionPlan
+    from ..conversion.pipeline import ConversionPlan
 
 app = make_app(
     "Convert a multi-head-attention checkpoint to grouped-query attention by merging the key/value "
@@ -174,10 +174,10 @@ def convert(
 ) -> None:
     """Convert SOURCE to grouped-query attention with --num-kv-heads K/V heads and write OUTPUT."""
     setup_logging(verbose)
-    from ..conversion import convert as run
+    from ..conversion.pipeline import convert as run
 
     if dry_run:
-        from ..conversion import plan_conversion
+        from ..conversion.pipeline import plan_conversion
 
         plan = run_command(
             lambda: plan_conversion(
@@ -199,7 +199,7 @@ def convert(
     # With calibration data, aligned is the better method (results/merging.md): make it the default.
     method_name = method.value if method else ("aligned" if calibration else "mean")
     if push_to_hub:  # no token or a bad repo id: fail before the conversion, not after it
-        from ..hub import check_push_target, push_folder
+        from ..hub.publish import check_push_target, push_folder
 
         run_command(lambda: check_push_target(push_to_hub))
     result = run_command(
@@ -254,7 +254,7 @@ def convert(
 
 def _print_plan(plan: ConversionPlan, output: Path) -> None:
     """``--dry-run``'s report: head counts, KV cache, and the files and bytes a run would write."""
-    from ..outputs import format_bytes, free_bytes
+    from ..io.outputs import format_bytes, free_bytes
 
     table = Table(
         title=f"dry run: {plan.architecture}: {plan.num_kv_heads_before} → {plan.num_kv_heads_after} K/V heads"

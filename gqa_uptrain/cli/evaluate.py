@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import ConfigError, OutputExistsError
-from ..outputs import check_output_dir
+from ..io.outputs import check_output_dir
 from ._common import console, main_for, make_app, run_command, setup_logging
 
 app = make_app(
@@ -188,7 +188,7 @@ def evaluate(
     setup_logging(verbose)
 
     def body() -> None:
-        from ..data import DataConfig
+        from ..data.config import DataConfig
         from ..evaluation import EvalOptions
         from ..evaluation import evaluate as run_evaluation
         from ..evaluation.report import report_table, write_json, write_plots

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..card import _fmt_bytes
+from ..hub.card import _fmt_bytes
 from ._common import console, main_for, make_app, run_command, setup_logging
 
 app = make_app("Publish a converted or uptrained checkpoint on the Hugging Face Hub.")
@@ -130,7 +130,7 @@ def export(
 ) -> None:
     """Check FOLDER, complete its model card and upload it to the Hub as REPO_ID."""
     setup_logging(verbose)
-    from ..hub import push_folder
+    from ..hub.publish import push_folder
 
     # The card records the command that publishes, so a dry run previews the card of the real run.
     command = "gqa-export " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--dry-run")

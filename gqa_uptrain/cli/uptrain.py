@@ -118,7 +118,7 @@ def uptrain(
         if int(os.environ.get("RANK", "0") or 0) > 0:
             # Under torchrun / accelerate launch every process runs this: rank 0 tells the story.
             logging.getLogger("gqa_uptrain").setLevel(logging.WARNING)
-    from ..config import dump_recipe, load_recipe
+    from ..training.config import dump_recipe, load_recipe
 
     extra = list(overrides or [])
     for key, value in (("model.path", model), ("output.dir", output), ("output.push_to_hub", push_to_hub)):
@@ -135,7 +135,7 @@ def uptrain(
         console.print(dump_recipe(cfg), highlight=False, markup=False)
         console.print(f"recipe ok: {cfg.total_steps()} optimizer steps in one process", highlight=False)
         if cfg.output.push_to_hub:
-            from ..hub import check_push_target
+            from ..hub.publish import check_push_target
 
             run_command(lambda: check_push_target(cfg.output.push_to_hub, cfg.output.hub_revision))
             console.print(
@@ -144,7 +144,7 @@ def uptrain(
             )
         return
 
-    from ..training import uptrain as run_uptrain
+    from ..training.loop import uptrain as run_uptrain
 
     result = run_command(lambda: run_uptrain(cfg))
     from accelerate import PartialState

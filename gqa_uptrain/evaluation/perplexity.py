@@ -1,6 +1,6 @@
 """Perplexity with strided sliding windows (the standard Hugging Face recipe).
 
-Documents are tokenized the way uptraining tokenizes them (``gqa_uptrain.data``: no special tokens,
+Documents are tokenized the way uptraining tokenizes them (``gqa_uptrain.data.text``: no special tokens,
 EOS after each document) and concatenated into one stream. Windows of ``max_length`` tokens start
 every ``stride`` tokens; each window scores only the tokens the previous window did not (labels
 -100 on the overlap), so every token after the first is predicted exactly once, with at least

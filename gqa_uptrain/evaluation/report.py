@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..outputs import atomic_output_dir, atomic_write_text
+from ..io.outputs import atomic_output_dir, atomic_write_text
 from .run import EvalReport, ModelEval
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..data import DataConfig, load_text_dataset, split_train_eval, tokenizer_fingerprint
+from ..data import DataConfig
+from ..data.text import load_text_dataset, split_train_eval, tokenizer_fingerprint
 from ..errors import ConfigError, GQAError
 from .kv_cache import KVCacheCheck, KVLayout, kv_layout, measure_cache
 from .loading import LoadedModel, load_model, max_positions

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import DiskFullError, OutputExistsError
+from ..errors import DiskFullError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import BinaryIO
 
 import torch
 
+from ..errors import ConfigError
 from .checkpoint import DTYPE_NAMES, dtype_itemsize
-from .errors import ConfigError
 
 _ALIGN = 8  # safetensors pads the header so data starts 8-byte aligned
 _METADATA = {"format": "pt"}  # what transformers' save_pretrained records; its loader checks it

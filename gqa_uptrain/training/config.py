@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .data import DataConfig
-from .errors import ConfigError
+from ..data.config import DataConfig
+from ..errors import ConfigError
 
 
 @dataclass
@@ -368,7 +368,7 @@ def _check_hub(out: OutputConfig) -> None:
                     f"set output.push_to_hub=OWNER/NAME or drop output.{key}"
                 )
         return
-    from .hub import check_repo_id  # huggingface_hub: imported only when a push is asked for
+    from ..hub.publish import check_repo_id  # huggingface_hub: imported only when a push is asked for
 
     check_repo_id(out.push_to_hub, "recipe key output.push_to_hub:")
     if out.hub_revision is not None and not out.hub_revision.strip():

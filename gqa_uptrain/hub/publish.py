@@ -7,7 +7,7 @@ The flow of :func:`push_folder` (``gqa-export``, ``gqa-convert --push-to-hub``):
 2. check the folder is a checkpoint that loads: ``config.json`` through ``AutoConfig`` (with
    ``trust_remote_code`` only when it has an ``auto_map``, whose code files must be there), a
    tokenizer through ``AutoTokenizer``, a complete safetensors index (every shard present, every
-   header valid: :class:`~gqa_uptrain.checkpoint.SafetensorsReader`), and no pickled files unless
+   header valid: :class:`~gqa_uptrain.io.checkpoint.SafetensorsReader`), and no pickled files unless
    ``allow_pickle``;
 3. build the model card (the folder's ``README.md`` with ``gqa``/family tags, ``library_name``,
    ``base_model``, ``datasets``, ``model-index`` from ``gqa-eval`` JSON, a usage section) and
@@ -38,6 +38,9 @@ from typing import Any
 
 from huggingface_hub import HfApi, ModelCard
 
+from ..errors import CheckpointError, ConfigError, GQAError
+from ..io.checkpoint import PickleReader, SafetensorsReader
+from ..io.outputs import atomic_write_text
 from .card import (
     EvalEntry,
     apply_card_update,
@@ -49,9 +52,6 @@ from .card import (
     usage_section,
     validate_card,
 )
-from .checkpoint import PickleReader, SafetensorsReader
-from .errors import CheckpointError, ConfigError, GQAError
-from .outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ def build_card(
 
 
 def read_eval_json(path: str | os.PathLike) -> list[EvalEntry]:
-    """Parse a ``gqa-eval --json`` file (see :func:`gqa_uptrain.card.parse_eval_json`)."""
+    """Parse a ``gqa-eval --json`` file (see :func:`gqa_uptrain.hub.card.parse_eval_json`)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -499,7 +499,7 @@ def _upload(
     create_pr: bool,
     commit_message: str | None,
 ) -> PushResult:
-    from . import __version__
+    from .. import __version__
 
     if not resumable_uploads():
         logger.warning("uploads are not resumable here: %s", RETRY_HINT)

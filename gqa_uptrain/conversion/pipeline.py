@@ -31,20 +31,27 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import Architecture, AttentionModule, get_architecture
-from .architectures.base import AttentionDims
-from .checkpoint import TOKENIZER_FILES, Source, TensorInfo, dtype_itemsize, iter_tensor_groups, open_source
-from .errors import CheckpointError, ConfigError
-from .merging import MergeContext, MergeMethod
-from .outputs import (
+from ..architectures import Architecture, AttentionModule, get_architecture
+from ..architectures.base import AttentionDims
+from ..errors import CheckpointError, ConfigError
+from ..io.checkpoint import (
+    TOKENIZER_FILES,
+    Source,
+    TensorInfo,
+    dtype_itemsize,
+    iter_tensor_groups,
+    open_source,
+)
+from ..io.outputs import (
     atomic_output_dir,
     check_free_space,
     check_output_dir,
     clean_stale_siblings,
     tree_bytes,
 )
-from .portability import make_folder_portable
-from .writer import PlannedTensor, ShardedWriter, parse_size, planned_files
+from ..io.portability import make_folder_portable
+from ..io.writer import PlannedTensor, ShardedWriter, parse_size, planned_files
+from ..merging import MergeContext, MergeMethod
 
 logger = logging.getLogger(__name__)
 
@@ -418,7 +425,7 @@ def convert(
             )
             _write_support_files(src, arch, tmp, out_config)
             result.seconds = time.perf_counter() - t0
-            from .card import write_conversion_card
+            from ..hub.card import write_conversion_card
 
             write_conversion_card(tmp, result, config, source=src)
             result.files = sorted(p.name for p in tmp.iterdir())
@@ -579,8 +586,8 @@ def _merge_method(
         return method
     if calibration is None and (tokens is not None or seq_len is not None):
         raise ConfigError("calibration_tokens/calibration_seq_len were given without calibration= text")
-    from .aligned import build_method
-    from .calibration import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, CalibrationSpec
+    from ..aligned import build_method
+    from ..calibration import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, CalibrationSpec
 
     spec = None
     if calibration is not None:
@@ -671,7 +678,7 @@ def _write_support_files(src: Source, arch: Architecture, folder: Path, out_conf
     """config.json, tokenizer files, generation config and, where needed, modelling code."""
     (folder / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
     if src.gguf_file is not None:
-        from .gguf_source import write_gguf_support_files
+        from ..io.gguf import write_gguf_support_files
 
         write_gguf_support_files(src, folder)
     else:

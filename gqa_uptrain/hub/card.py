@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .checkpoint import looks_like_repo_id
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..io.checkpoint import looks_like_repo_id
 
 if TYPE_CHECKING:
-    from .checkpoint import Source
-    from .conversion import ConversionResult
+    from ..conversion.pipeline import ConversionResult
+    from ..io.checkpoint import Source
 
 _SECTION = re.compile(
     r"<!-- gqa-uptrain:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /gqa-uptrain:(?P=name) -->\n?", re.S

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Protocol
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def open_source(
             raise CheckpointError(f"{name} is neither a local folder nor a Hub repo id (owner/name)")
     gguf = find_gguf(path, gguf_file)
     if gguf is not None:
-        from .gguf_source import open_gguf
+        from .gguf import open_gguf
 
         return open_gguf(gguf, name)
 

@@ -63,11 +63,11 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data.text import PackedData, prepare_data
+from ..errors import CheckpointError, ConfigError, GQAError, OutputExistsError
+from ..io.outputs import atomic_output_dir, atomic_write_text
+from ..io.portability import make_folder_portable
 from .config import OptimConfig, UptrainConfig, dump_recipe
-from .data import PackedData, prepare_data
-from .errors import CheckpointError, ConfigError, GQAError, OutputExistsError
-from .outputs import atomic_output_dir, atomic_write_text
-from .portability import make_folder_portable
 
 logger = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ def _save_checkpoint(
 
 
 def _check_model_path(path: str, what: str) -> None:
-    from .checkpoint import looks_like_repo_id
+    from ..io.checkpoint import looks_like_repo_id
 
     p = Path(path).expanduser()
     if p.is_dir():
@@ -735,7 +735,7 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
                 if cfg.output.push_to_hub:
                     # A bad repo id or no token fails now, in seconds, not after hours of training,
                     # and before a previous run in the folder is cleared by output.overwrite.
-                    from .hub import check_push_target
+                    from ..hub.publish import check_push_target
 
                     check_push_target(cfg.output.push_to_hub, cfg.output.hub_revision)
                 try:
@@ -1082,7 +1082,7 @@ def push_model(cfg: UptrainConfig, model_dir: Path) -> str:
     The folder's card gets the Hub usage section; the token is never logged. On failure the error
     says that the model is saved and how to publish it later with ``gqa-export``.
     """
-    from .hub import push_folder
+    from ..hub.publish import push_folder
 
     repo_id = cfg.output.push_to_hub
     assert repo_id is not None
@@ -1240,8 +1240,8 @@ def _card_markdown(cfg: UptrainConfig, r: UptrainResult, accelerator: Accelerato
 def _write_card(
     cfg: UptrainConfig, folder: Path, r: UptrainResult, accelerator: Accelerator, trainable: list[str]
 ) -> None:
-    from .card import update_card
-    from .checkpoint import looks_like_repo_id
+    from ..hub.card import update_card
+    from ..io.checkpoint import looks_like_repo_id
 
     n_trainable = r.trainable_parameters
     if not (folder / "README.md").exists():
