@@ -60,7 +60,7 @@ from .grouping import (
 )
 
 if TYPE_CHECKING:
-    from .checkpoint import Source
+    from .io.checkpoint import Source
     from .merging import HeadBlocks, MergeContext
 
 logger = logging.getLogger(__name__)
@@ -294,6 +294,19 @@ class ModuleStats:
             res, tot = _subspace_residual(t["k_lin"], idx)
             k_res, k_tot = k_res + res, k_tot + tot
         return k_res / max(k_tot, 1e-30) + v_res / max(v_tot, 1e-30)
+
+    def similarity_groups(self, num_groups: int, aligned: bool) -> list[tuple[int, ...]]:
+        """``num_groups`` equal groups of K/V heads that merge well under ``aligned`` (or mean
+        pooling), as :func:`~gqa_uptrain.grouping.best_partition` finds them."""
+        hkv, d = self.wk.shape[:2]
+        size = hkv // num_groups
+        if not aligned:
+            return best_partition(hkv, size, self.mean_cost)
+        # A group's aligned cost is an eigenvalue problem of size g·d, too slow for thousands of
+        # calls on large groups: a bounded search scores groups by their pairs' costs, then
+        # polishes with the real cost for about POLISH_WORK of eigenvalue work.
+        polish = min(MAX_EVALS, int(POLISH_WORK / (size * d) ** 3))
+        return best_partition(hkv, size, self.aligned_cost, pairwise=True, max_exact_evals=polish)
 
     def mean_cost(self, members: tuple[int, ...], keys_only: bool = False) -> float:
         """Relative K (+ V) error of mean pooling ``members``: E‖head_m − mean‖² over E‖head_m‖².
@@ -555,16 +568,7 @@ class CalibratedMerge:
         if self.grouping == "similarity":
             stats = ModuleStats.build(blocks, mom.sigma, self._rot, mom.has_qk_norm)
             hkv = stats.wk.shape[0]
-            cost = stats.aligned_cost if self.name == "aligned" else stats.mean_cost
-            size = hkv // self._g
-            if self.name == "aligned":
-                # A group's aligned cost is an eigenvalue problem of size g·d, too slow for thousands
-                # of calls on large groups: a bounded search scores groups by their pairs' costs, then
-                # polishes with the real cost for about POLISH_WORK of eigenvalue work.
-                polish = min(MAX_EVALS, int(POLISH_WORK / (size * stats.wk.shape[1]) ** 3))
-                groups = best_partition(hkv, size, cost, pairwise=True, max_exact_evals=polish)
-            else:
-                groups = best_partition(hkv, size, cost)
+            groups = stats.similarity_groups(self._g, aligned=self.name == "aligned")
             del stats  # its cost tables are as large as the moments
             perm = kv_permutation(groups)
             if torch.equal(perm, torch.arange(hkv)):

@@ -13,7 +13,7 @@ and dropped again; its outputs feed the next layer. The cost is about one forwar
 original model over the calibration tokens.
 
 Calibration text comes from local text files (a file or a folder, read in sorted order) or, when
-``gqa_uptrain.data`` is available, any dataset spec it understands.
+``gqa_uptrain.data.text`` is available, any dataset spec it understands.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures import Architecture, get_architecture
-from .checkpoint import Source, TensorInfo
 from .errors import CheckpointError, ConfigError
+from .io.checkpoint import Source, TensorInfo
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class NotCalibratable(Exception):
 class CalibrationSpec:
     """Where calibration text comes from and how much of it to use."""
 
-    data: str  # a local text file / folder, or a dataset spec (see ``gqa_uptrain.data``)
+    data: str  # a local text file / folder, or a dataset spec (see ``gqa_uptrain.data.text``)
     num_tokens: int = DEFAULT_TOKENS
     seq_len: int = DEFAULT_SEQ_LEN
     batch_size: int = 8
@@ -91,7 +91,7 @@ def load_calibration_text(data: str, max_chars: int) -> str:
     if path.exists():
         return _local_text(path, max_chars)
     try:  # dataset specs as in uptraining (Hub ids, globs), when that module is available
-        from .data import DataConfig, load_text_dataset
+        from .data.text import DataConfig, load_text_dataset
     except ImportError:  # pragma: no cover - only before the data module exists
         raise ConfigError(
             f"--calibration {data!r} does not exist; give a local text file or folder"
@@ -301,10 +301,21 @@ def collect_moments(
     if len(caught) != len(tokens.split(batch_size)):
         raise NotCalibratable("the model did not call its first decoder layer")
 
-    def hidden_of(args, kwargs) -> torch.Tensor:
-        return args[0] if args else kwargs["hidden_states"]
+    # The embeddings only made layer 0's inputs: drop them (0.5 GB in float32 at Llama-2-7B size).
+    from accelerate.utils import set_module_tensor_to_device
 
-    states = [hidden_of(a, k) for a, k in caught]
+    for name in before:
+        set_module_tensor_to_device(model, name, "meta")
+    # Hidden states live in ``states`` only (each layer's output replaces its input), not also in
+    # ``caught``: one copy of the calibration activations, not two.
+    states = []
+    for b, (args, kwargs) in enumerate(caught):
+        if args:
+            states.append(args[0])
+            caught[b] = ((None, *args[1:]), kwargs)
+        else:
+            states.append(kwargs["hidden_states"])
+            caught[b] = (args, {k: v for k, v in kwargs.items() if k != "hidden_states"})
     bar = tqdm(total=len(layers), desc="calibrating", unit="layer", disable=not progress)
     for i, layer in enumerate(layers):
         lnames = [f"{layers_name}.{i}.{n}" for n, _ in layer.named_parameters()]

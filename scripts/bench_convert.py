@@ -12,7 +12,7 @@ How it measures:
 
 1. A synthetic checkpoint with the tensor names, shapes and dtype of Llama-2-7B (32 query heads,
    32 K/V heads, hidden 4096, intermediate 11008, vocab 32000, float16, ~10 GB shards like the
-   real one) is written tensor by tensor with :class:`gqa_uptrain.writer.ShardedWriter` from a
+   real one) is written tensor by tensor with :class:`gqa_uptrain.io.writer.ShardedWriter` from a
    64 MB pool of random values, so building it never holds the model in memory. ``--layers``
    sets how many decoder layers it has (32, the real model, by default: 13.5 GB).
 2. Each route runs in its own child process: ``copy`` (every file copied with
@@ -29,12 +29,21 @@ How it measures:
    checkpoint; its figures at the full size are extrapolated (labelled ``est.``): peak RSS as the
    process's RSS after imports plus the measured growth scaled by checkpoint size, wall time
    scaled by checkpoint size. ``--naive-layers 32`` measures it for real where RAM allows.
+6. ``--method aligned`` adds the ``aligned`` route: the converter with ``--method aligned``,
+   calibrated on real text (Debian's python3.11-doc reStructuredText, a BPE tokenizer trained on it
+   is saved with the checkpoint) with a small token budget, its peak RSS printed beside mean
+   pooling's. ``--aligned-layers`` runs it at several depths too, to show its memory does not grow
+   with depth (calibration holds one layer; only each module's small fitted maps are kept). It
+   also times ``--grouping similarity`` on one synthetic attention layer of the real width with
+   32 and 64 heads (planted groups): the per-module cost tables, then the bounded search per
+   target G, with the search's own peak memory (tracemalloc) and the process's peak RSS.
 
 Usage::
 
     .venv/bin/python scripts/bench_convert.py                 # full 32 layers, ~40 GB disk, minutes
     .venv/bin/python scripts/bench_convert.py --layers 8 --skip-naive
     .venv/bin/python scripts/bench_convert.py --shape tiny --layers 2   # seconds (the smoke test)
+    .venv/bin/python scripts/bench_convert.py --method aligned --layers 4 --aligned-layers 2,4 --skip-naive
 
 Timings are of one machine at one moment: other processes sharing the disk or the cores make them
 noisy; ``--repeat N`` keeps the best of N runs of the copy and the converter.
@@ -62,6 +71,9 @@ RSS_TARGET = 1.5e9  # bytes: issue 2's peak-RSS limit for the converter at 32 la
 RATIO_TARGET = 0.8  # converter throughput / copy throughput
 TARGET_LAYERS = 32
 DEFAULT_SHARD = "5GB"  # gqa-convert's default --max-shard-size
+PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")  # Debian python3.11-doc: real English text
+# Similarity grouping timed at these (heads: target K/V heads) on one layer of --grouping-hidden width.
+GROUPING_CASES = ("32:2,4,8", "64:8")
 
 # meta-llama/Llama-2-7b-hf's config.json (num_hidden_layers is set from --layers).
 LLAMA2_7B: dict = {
@@ -139,7 +151,7 @@ def build_checkpoint(folder: Path, cfg: dict, dtype: str, shard_size: str, seed:
     import torch
     from tqdm.auto import tqdm
 
-    from gqa_uptrain.writer import PlannedTensor, ShardedWriter, parse_size
+    from gqa_uptrain.io.writer import PlannedTensor, ShardedWriter, parse_size
 
     tdtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     gen = torch.Generator().manual_seed(seed)
@@ -168,6 +180,29 @@ def build_checkpoint(folder: Path, cfg: dict, dtype: str, shard_size: str, seed:
             bar.update(t.nbytes)
     flush_and_evict(folder)
     return total
+
+
+def add_tokenizer(folder: Path, vocab: int, docs: Path) -> int:
+    """Train a byte-level BPE tokenizer (at most ``vocab`` tokens, so every id has an embedding row)
+    on the calibration text and save it into ``folder``: calibration tokenizes with the source's own
+    tokenizer. Returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    files = sorted(str(f) for f in docs.rglob("*.rst.txt"))[:120] if docs.is_dir() else [str(docs)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train(files, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return len(fast)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +290,22 @@ class Run:
 def route_command(route: str, src: Path, dst: Path, args: argparse.Namespace, report: Path) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--worker", route, "--worker-src", str(src),
             "--worker-dst", str(dst), "--num-kv-heads", str(args.num_kv_heads),
-            "--max-shard-size", args.max_shard_size, "--worker-report", str(report)]  # fmt: skip
+            "--max-shard-size", args.max_shard_size, "--worker-report", str(report),
+            "--calibration", str(args.calibration), "--calibration-tokens", str(args.calibration_tokens),
+            "--calibration-seq-len", str(args.calibration_seq_len),
+            "--grouping-hidden", str(args.grouping_hidden)]  # fmt: skip
+
+
+def run_child(what: str, cmd: list[str], log: Path, rusage: Path) -> int:
+    """Run ``cmd`` through the launcher (so its peak RSS is its own); returns ru_maxrss in bytes."""
+    with open(log, "wb") as logf:
+        proc = subprocess.run(
+            [sys.executable, "-S", "-c", LAUNCHER, str(rusage), *cmd], stdout=logf, stderr=logf
+        )
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        sys.exit(f"error: {what} failed (exit {proc.returncode}); its log ends with:\n{tail}")
+    return json.loads(rusage.read_text())["maxrss_kib"] * 1024
 
 
 def measure(
@@ -325,6 +375,17 @@ def worker(args: argparse.Namespace) -> None:
 
         convert(src, dst, args.num_kv_heads, "mean", max_shard_size=args.max_shard_size, progress=False)
         return
+    if args.worker == "aligned":
+        # What `gqa-convert SRC DST -g G --method aligned --calibration TEXT --calibration-tokens N` runs.
+        from gqa_uptrain import convert
+
+        convert(src, dst, args.num_kv_heads, "aligned", calibration=args.calibration,
+                calibration_tokens=args.calibration_tokens, calibration_seq_len=args.calibration_seq_len,
+                max_shard_size=args.max_shard_size, progress=False)  # fmt: skip
+        return
+    if args.worker == "grouping":
+        grouping_worker(args)
+        return
     if args.worker == "copy":
         dst.mkdir()
         for p in sorted(src.iterdir()):
@@ -370,7 +431,7 @@ def check_mean_pooled(src: Path, dst: Path, layers: int, g: int) -> None:
     """Exit with an error unless ``dst`` holds ``src``'s K/V heads mean-pooled to ``g`` heads."""
     import torch
 
-    from gqa_uptrain.checkpoint import SafetensorsReader
+    from gqa_uptrain.io.checkpoint import SafetensorsReader
 
     a, b = SafetensorsReader(src), SafetensorsReader(dst)
     try:
@@ -391,6 +452,138 @@ def check_mean_pooled(src: Path, dst: Path, layers: int, g: int) -> None:
     finally:
         a.close()
         b.close()
+
+
+def check_aligned(src: Path, dst: Path, layers: int, g: int) -> None:
+    """Exit with an error unless ``dst`` is a G-head conversion of ``src``: the same tensors, K/V
+    reduced to ``g`` heads and finite, everything outside attention copied unchanged."""
+    import torch
+
+    from gqa_uptrain.io.checkpoint import SafetensorsReader
+
+    a, b = SafetensorsReader(src), SafetensorsReader(dst)
+    try:
+        ia, ib = {i.name: i for i in a.infos()}, {i.name: i for i in b.infos()}
+        if set(ia) != set(ib):
+            sys.exit(f"error: {dst} does not hold the same tensors as {src}")
+        for n in sorted({0, layers - 1}):
+            p = f"model.layers.{n}."
+            for proj in ("k_proj", "v_proj"):
+                y = b.read(ib[p + f"self_attn.{proj}.weight"])
+                x = ia[p + f"self_attn.{proj}.weight"]
+                want = x.shape[0] // LLAMA2_7B["num_key_value_heads"] * g
+                if y.shape != (want, x.shape[1]) or not torch.isfinite(y).all():
+                    sys.exit(f"error: {dst}: {p}self_attn.{proj} is not {g} finite K/V heads")
+            name = p + "mlp.down_proj.weight"
+            if not torch.equal(a.read(ia[name]), b.read(ib[name])):
+                sys.exit(f"error: {dst}: {name} was not copied unchanged")
+    finally:
+        a.close()
+        b.close()
+
+
+def grouping_cases(specs: list[str]) -> list[tuple[int, list[int]]]:
+    """``["32:2,4,8", "64:8"]`` -> ``[(32, [2, 4, 8]), (64, [8])]``."""
+    out = []
+    for spec in specs:
+        heads, _, gs = spec.partition(":")
+        out.append((int(heads), [int(x) for x in gs.split(",") if x]))
+    return out
+
+
+def grouping_worker(args: argparse.Namespace) -> None:
+    """Child-process side of the grouping timing: one synthetic attention layer, every target G.
+
+    ``--worker-src`` carries ``HEADS:G,G,...``. K/V heads are noisy copies of ``max(G)`` planted
+    heads, interleaved (head ``h`` near planted head ``h % max(G)``), so contiguous groups are poor
+    and a search has something to find; the moments come from random activations.
+    """
+    import tracemalloc
+
+    import torch
+
+    from gqa_uptrain.aligned import ModuleStats
+    from gqa_uptrain.grouping import count_partitions
+
+    ((heads, targets),) = grouping_cases([args.worker_src])
+    n = args.grouping_hidden
+    d = n // heads
+    gen = torch.Generator().manual_seed(0)
+    planted = max(targets)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.02
+
+    def kv() -> torch.Tensor:
+        return rand(planted, d, n + 1)[torch.arange(heads) % planted] + 0.5 * rand(heads, d, n + 1)
+
+    x = torch.randn(512, n + 1, generator=gen, dtype=torch.float64)
+    x[:, -1] = 1
+    sigma = x.T @ x / x.shape[0] + 0.1 * torch.eye(n + 1, dtype=torch.float64)
+    results = []
+    for kind in ("mean", "aligned"):
+        stats = ModuleStats(wq=rand(heads, d, n + 1), wk=kv(), wv=kv(), o=rand(heads, d, n), sigma=sigma,
+                            rot=d, key_mean=False)  # fmt: skip
+        cost = stats.aligned_cost if kind == "aligned" else stats.mean_cost
+        t0 = time.perf_counter()
+        cost((0, 1))  # the first call builds the module's cost tables
+        tables = time.perf_counter() - t0
+        for g in targets:
+            size = heads // g
+            tracemalloc.start()
+            t0 = time.perf_counter()
+            groups = stats.similarity_groups(g, aligned=kind == "aligned")
+            search = time.perf_counter() - t0
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            contiguous = [tuple(range(i, i + size)) for i in range(0, heads, size)]
+            found, base = sum(cost(c) for c in groups), sum(cost(c) for c in contiguous)
+            results.append({"route": "grouping", "kind": kind, "heads": heads, "hidden": n, "num_kv_heads": g,
+                            "partitions": float(count_partitions(heads, size)), "tables_s": tables,
+                            "search_s": search, "search_peak_bytes": peak, "cost": found,
+                            "contiguous_cost": base})  # fmt: skip
+        del stats
+    Path(args.worker_report).write_text(json.dumps(results))
+
+
+def measure_grouping(args: argparse.Namespace, work: Path) -> list[dict]:
+    """Time similarity grouping for each ``--grouping`` case in a child process of its own."""
+    out = []
+    for spec in args.grouping:
+        heads = spec.partition(":")[0]
+        print(
+            f"timing similarity grouping: {heads} heads, width {args.grouping_hidden} ({spec})...", flush=True
+        )
+        report = work / f"grouping-{heads}.json"
+        cmd = route_command("grouping", Path(spec), work, args, report)
+        rss = run_child(
+            f"grouping {spec}", cmd, work / f"grouping-{heads}.log", work / f"grouping-{heads}.rusage.json"
+        )
+        rows = json.loads(report.read_text())
+        for r in rows:
+            r["process_peak_rss"] = rss
+        out += rows
+    return out
+
+
+def print_grouping(rows: list[dict]) -> None:
+    """The similarity-grouping table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(110, shutil.get_terminal_size().columns), highlight=False)
+    table = Table(title="--grouping similarity on one synthetic attention layer (planted groups)")
+    for col in ("cost", "heads", "width", "-> G", "partitions", "cost tables", "search", "search memory",
+                "cost vs contiguous", "process peak RSS"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "cost" else "right")
+    for r in rows:
+        ratio = r["cost"] / r["contiguous_cost"] if r["contiguous_cost"] else 1.0
+        table.add_row(r["kind"], str(r["heads"]), str(r["hidden"]), str(r["num_kv_heads"]),
+                      f"{r['partitions']:.2g}", f"{r['tables_s']:.1f} s", f"{r['search_s']:.1f} s",
+                      fmt_bytes(r["search_peak_bytes"]), f"{ratio:.2f}x", fmt_bytes(r["process_peak_rss"]))  # fmt: skip
+    console.print(table)
+    print("cost tables: once per module (products with the moment matrix); search: the bounded "
+          "partition search for that G; search memory: its Python allocations (tracemalloc)")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,6 +625,17 @@ def print_report(runs: list[Run], args: argparse.Namespace, layers: int) -> bool
         note = f" (the target is defined for {TARGET_LAYERS} layers and {DEFAULT_SHARD} shards)"
     print(f"target: converter peak RSS < {RSS_TARGET / 1e9:.1f} GB: {fmt_bytes(conv.peak_rss)} at {layers} layers"
           f", {args.max_shard_size} shards: {verdict}{note}")  # fmt: skip
+    aligned = sorted((r for r in runs if r.route == "aligned"), key=lambda r: r.layers)
+    if aligned:
+        print(f"aligned (calibration: {args.calibration_tokens} tokens of real text, seq {args.calibration_seq_len}): "
+              + ", ".join(f"peak RSS {fmt_bytes(r.peak_rss)} at {r.layers} layers" for r in aligned)
+              + f"; mean pooling {fmt_bytes(conv.peak_rss)} at {layers} layers")  # fmt: skip
+        if len(aligned) > 1:
+            lo, hi = aligned[0], aligned[-1]
+            per_layer = (hi.peak_rss - lo.peak_rss) / (hi.layers - lo.layers)
+            print(
+                f"aligned peak RSS growth: {per_layer / 1e6:+.0f} MB per layer from {lo.layers} to {hi.layers} layers"
+            )
     naive = [r for r in runs if r.route == "naive"]
     if naive:
         big = max(naive, key=lambda r: r.layers)
@@ -497,8 +701,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     p.add_argument("--check", action="store_true", help="exit with status 1 if a target fails")
+    p.add_argument(
+        "--method",
+        choices=("mean", "aligned"),
+        default="mean",
+        help="aligned: also run the converter with --method aligned (calibrated) beside mean pooling, "
+        "and time similarity grouping",
+    )
+    p.add_argument("--calibration", type=Path, default=PYTHON_DOCS, help="calibration text for aligned")
+    p.add_argument("--calibration-tokens", type=int, default=2048, help="calibration tokens for aligned")
+    p.add_argument("--calibration-seq-len", type=int, default=512, help="calibration block length")
+    p.add_argument(
+        "--aligned-layers",
+        default=None,
+        help="comma-separated depths to run the aligned route at (default: --layers only); the "
+        "growth of its peak RSS with depth is printed",
+    )
+    p.add_argument(
+        "--grouping",
+        nargs="*",
+        default=list(GROUPING_CASES),
+        help="similarity-grouping cases HEADS:G,G,... timed with --method aligned (none: skip)",
+    )
+    p.add_argument(
+        "--grouping-hidden", type=int, default=4096, help="width of the layer similarity grouping is timed on"
+    )
     # Child-process side of a route (internal).
-    p.add_argument("--worker", choices=("copy", "converter", "naive"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--worker", choices=("copy", "converter", "naive", "aligned", "grouping"), help=argparse.SUPPRESS
+    )
     p.add_argument("--worker-src", help=argparse.SUPPRESS)
     p.add_argument("--worker-dst", help=argparse.SUPPRESS)
     p.add_argument("--worker-report", help=argparse.SUPPRESS)
@@ -541,6 +772,8 @@ def run_size(args: argparse.Namespace, work: Path, layers: int, routes: list[str
     src = work / f"src-{layers}"
     t0 = time.perf_counter()
     nbytes = build_checkpoint(src, cfg, args.dtype, args.source_shard_size)
+    if "aligned" in routes:  # calibration tokenizes with the checkpoint's own tokenizer
+        add_tokenizer(src, cfg["vocab_size"], args.calibration)
     print(
         f"built a {layers}-layer checkpoint ({fmt_bytes(nbytes)}) in {time.perf_counter() - t0:.1f} s",
         flush=True,
@@ -548,14 +781,16 @@ def run_size(args: argparse.Namespace, work: Path, layers: int, routes: list[str
     g = args.num_kv_heads
     out_cfg = {**cfg, "num_key_value_heads": g}
     expect = {"copy": du(src), "converter": checkpoint_bytes(out_cfg, args.dtype)}
-    expect["naive"] = expect["converter"]
+    expect["naive"] = expect["aligned"] = expect["converter"]
     best: dict[str, Run] = {}
     for rep in range(args.repeat):
         for route in routes:
-            if route == "naive" and rep:
-                continue  # once is enough to show it needs the whole model
+            if route in ("naive", "aligned") and rep:
+                continue  # once is enough to show its memory
             run, dst = measure(route, src, layers, work, args, expect[route])
-            if rep == 0 and route != "copy":
+            if rep == 0 and route == "aligned":
+                check_aligned(src, dst, layers, g)
+            elif rep == 0 and route != "copy":
                 check_mean_pooled(src, dst, layers, g)
             shutil.rmtree(dst.parent)
             if route == "naive":
@@ -599,8 +834,11 @@ def main() -> None:
     )
     print(f"working folder {work} ({shutil.disk_usage(work).free / 1e9:.0f} GB free); "
           f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM", flush=True)  # fmt: skip
+    aligned_depths = sorted({int(x) for x in (args.aligned_layers or str(layers)).split(",") if x})
     try:
-        routes = ["copy", "converter"]
+        routes = ["copy", "converter"] + (
+            ["aligned"] if args.method == "aligned" and layers in aligned_depths else []
+        )
         naive_here = not args.skip_naive and args.naive_layers == layers
         naive_bytes = checkpoint_bytes(config_for(args, args.naive_layers), args.dtype)
         if not args.skip_naive:
@@ -616,12 +854,18 @@ def main() -> None:
             small = run_size(args, work, args.naive_layers, [*routes, "naive"])
             runs += small
             runs.append(extrapolate(small[-1], runs[0].src_bytes, layers))
+        if args.method == "aligned":
+            for depth in aligned_depths:
+                if depth != layers:
+                    runs += run_size(args, work, depth, ["aligned"])
+        grouping = measure_grouping(args, work) if args.method == "aligned" else []
         ok = print_report(runs, args, layers)
+        if grouping:
+            print_grouping(grouping)
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
         if args.json:
-            args.json.write_text(
-                json.dumps([asdict(r) | {"mb_per_s": r.mb_per_s} for r in runs], indent=2) + "\n"
-            )
+            figures = [asdict(r) | {"mb_per_s": r.mb_per_s} for r in runs] + grouping
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
     finally:
         if args.keep:
             print(f"kept {work}")

@@ -71,3 +71,41 @@ def test_bench_convert_refuses_layers_that_do_not_fit(tmp_path):
     assert proc.returncode != 0
     assert "need" in proc.stderr and "--layers" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # child processes that import torch, a tokenizer trained on the docs
+def test_bench_convert_aligned_prints_memory_and_grouping(tmp_path, python_docs):
+    """--method aligned: the calibrated converter runs beside mean pooling at two depths, its peak
+    RSS and the growth per layer are printed, and similarity grouping is timed per case with its
+    search memory; the mean-pooling targets are still checked."""
+    work = tmp_path / "work"
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--shape", "tiny", "--layers", "2", "--skip-naive", "--method", "aligned",
+         "--aligned-layers", "1,2", "--calibration", str(python_docs / "tutorial"),
+         "--calibration-tokens", "256", "--calibration-seq-len", "64",
+         "--grouping", "16:2,4", "32:8", "--grouping-hidden", "128", "--workdir", str(work), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert text.count("PASS") + text.count("FAIL") == 2  # the converter's targets, unchanged
+    assert "aligned (calibration: 256 tokens of real text, seq 64): peak RSS" in text
+    assert "aligned peak RSS growth:" in text and "MB per layer from 1 to 2 layers" in text
+    assert "--grouping similarity" in text and "search memory" in text
+
+    figures = json.loads(out.read_text())
+    aligned = sorted((r for r in figures if r["route"] == "aligned"), key=lambda r: r["layers"])
+    assert [r["layers"] for r in aligned] == [1, 2]
+    assert all(r["peak_rss"] > 100e6 and r["out_bytes"] > 0 for r in aligned)
+    copy = next(r for r in figures if r["route"] == "copy")
+    assert aligned[-1]["out_bytes"] < copy["out_bytes"]  # 32 -> 8 K/V heads (shapes checked by the script)
+    grouping = [r for r in figures if r["route"] == "grouping"]
+    cases = {(r["kind"], r["heads"], r["num_kv_heads"]) for r in grouping}
+    assert cases == {(k, h, g) for k in ("mean", "aligned") for h, g in [(16, 2), (16, 4), (32, 8)]}
+    for r in grouping:
+        assert r["cost"] <= r["contiguous_cost"] * (1 + 1e-9)
+        assert r["search_peak_bytes"] < 100e6 and r["search_s"] >= 0 and r["process_peak_rss"] > 0
+    assert list(work.iterdir()) == []
