@@ -23,7 +23,6 @@ MOVED = {
     "writer": "io.writer",
     "outputs": "io.outputs",
     "portability": "io.portability",
-    "merging": "merging.methods",
     "aligned": "merging.aligned",
     "grouping": "merging.grouping",
     "calibration": "merging.calibration",

@@ -502,8 +502,8 @@ def grouping_worker(args: argparse.Namespace) -> None:
 
     import torch
 
-    from gqa_uptrain.aligned import ModuleStats
-    from gqa_uptrain.grouping import count_partitions
+    from gqa_uptrain.merging.aligned import ModuleStats
+    from gqa_uptrain.merging.grouping import count_partitions
 
     ((heads, targets),) = grouping_cases([args.worker_src])
     n = args.grouping_hidden

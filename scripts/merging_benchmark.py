@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gqa_uptrain.aligned import CalibratedMerge
-from gqa_uptrain.calibration import CalibrationSpec
 from gqa_uptrain.conversion.pipeline import convert
+from gqa_uptrain.merging.aligned import CalibratedMerge
+from gqa_uptrain.merging.calibration import CalibrationSpec
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 VARIANTS = [

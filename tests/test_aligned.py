@@ -11,9 +11,9 @@ import torch
 from conftest import NATIVE_FAMILIES
 from transformers import AutoModelForCausalLM
 
-from gqa_uptrain.aligned import CalibratedMerge, rotary_dims
 from gqa_uptrain.conversion.pipeline import convert
 from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.merging.aligned import CalibratedMerge, rotary_dims
 
 
 def _logits(folder, x):
@@ -242,7 +242,7 @@ def test_real_smollm2_mqa_aligned_far_better_than_mean(smollm2_gguf, python_docs
     aligned removes most of the cross-entropy mean pooling adds on held-out tutorial text."""
     from transformers import AutoTokenizer
 
-    from gqa_uptrain.calibration import CalibrationSpec
+    from gqa_uptrain.merging.calibration import CalibrationSpec
 
     tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     ids = tok((python_docs / "tutorial" / "controlflow.rst.txt").read_text(), add_special_tokens=False)[
@@ -289,7 +289,7 @@ def test_library_convert_takes_calibration_by_keyword(make_model, tmp_path):
 
 
 def _random_stats(rot: int, key_mean: bool, hkv: int = 4, r: int = 2, d: int = 8, n: int = 24):
-    from gqa_uptrain.aligned import ModuleStats
+    from gqa_uptrain.merging.aligned import ModuleStats
 
     g = torch.Generator().manual_seed(rot * 2 + key_mean)
     x = torch.randn(64, n + 1, generator=g, dtype=torch.float64)
@@ -310,7 +310,7 @@ def test_grouping_costs_equal_their_definitions(rot, key_mean):
     """The grouping costs read per-module tables (every head against every head, computed once);
     they must equal the definitions: mean pooling's relative error and the aligned fit's residual,
     computed directly from the moments for each group."""
-    from gqa_uptrain.aligned import linear_fit
+    from gqa_uptrain.merging.aligned import linear_fit
 
     stats = _random_stats(rot, key_mean)
     ref = _random_stats(rot, key_mean)  # same values, fresh caches: the direct route
@@ -343,11 +343,11 @@ def test_prepare_keeps_only_fitted_maps_and_merges_bit_for_bit(make_model, token
     """prepare() fits each module as its layer is calibrated and keeps the small fitted maps, not
     the [n+1, n+1] moments (memory bounded by one layer, not growing with depth); merge() then
     writes exactly what fitting at merge time from the (float32-stored) moments wrote before."""
-    from gqa_uptrain.aligned import ModuleStats, _find, _module_tensors, _read_blocks, _write
     from gqa_uptrain.architectures import get_architecture
-    from gqa_uptrain.calibration import collect_moments
     from gqa_uptrain.io.checkpoint import open_source
-    from gqa_uptrain.merging import MergeContext
+    from gqa_uptrain.merging.aligned import ModuleStats, _find, _module_tensors, _read_blocks, _write
+    from gqa_uptrain.merging.calibration import collect_moments
+    from gqa_uptrain.merging.methods import MergeContext
 
     calib, _ = tokens
     folder, _ = make_model("qwen2", num_heads=8, num_kv_heads=4, num_hidden_layers=3)  # biases, r = 2
@@ -370,7 +370,7 @@ def test_prepare_keeps_only_fitted_maps_and_merges_bit_for_bit(make_model, token
             got = method.merge(blocks, MergeContext(name, 2))
             plan = method.plans[name]
             if plan.kv_perm is not None:
-                from gqa_uptrain.grouping import permute_blocks
+                from gqa_uptrain.merging.grouping import permute_blocks
 
                 blocks = permute_blocks(blocks, plan.kv_perm, 8)
             old = ModuleStats.build(blocks, mom.sigma.float(), method._rot, False).merged(2)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gqa_uptrain.aligned import CalibratedMerge
 from gqa_uptrain.conversion.pipeline import convert
-from gqa_uptrain.grouping import (
+from gqa_uptrain.merging.aligned import CalibratedMerge
+from gqa_uptrain.merging.grouping import (
     EXHAUSTIVE_LIMIT,
     MAX_EVALS,
     _partitions,

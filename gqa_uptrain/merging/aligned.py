@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import ConfigError
 from .calibration import (
     CalibrationSpec,
     ModuleMoments,
@@ -49,7 +50,6 @@ from .calibration import (
     collect_moments,
     iter_isotropic,
 )
-from .errors import ConfigError
 from .grouping import (
     GROUPINGS,
     MAX_EVALS,
@@ -60,8 +60,8 @@ from .grouping import (
 )
 
 if TYPE_CHECKING:
-    from .io.checkpoint import Source
-    from .merging import HeadBlocks, MergeContext
+    from ..io.checkpoint import Source
+    from .methods import HeadBlocks, MergeContext
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ class ModuleStats:
 
     def similarity_groups(self, num_groups: int, aligned: bool) -> list[tuple[int, ...]]:
         """``num_groups`` equal groups of K/V heads that merge well under ``aligned`` (or mean
-        pooling), as :func:`~gqa_uptrain.grouping.best_partition` finds them."""
+        pooling), as :func:`~gqa_uptrain.merging.grouping.best_partition` finds them."""
         hkv, d = self.wk.shape[:2]
         size = hkv // num_groups
         if not aligned:
@@ -521,7 +521,7 @@ class CalibratedMerge:
                     "--method aligned needs calibration text: add --calibration DATA (a text file or folder)"
                 )
             raise ConfigError("--grouping similarity needs calibration text: add --calibration DATA")
-        from .architectures import get_architecture
+        from ..architectures import get_architecture
 
         arch = get_architecture(src.config)
         dims = arch.converted_dims(src.config)
@@ -609,7 +609,7 @@ class CalibratedMerge:
     # -- while streaming -----------------------------------------------------------------------
     def merge(self, blocks: HeadBlocks, ctx: MergeContext) -> HeadBlocks:
         """Permute (similarity grouping), then fit and fold (``aligned``) or mean-pool."""
-        from .merging import MeanPooling
+        from .methods import MeanPooling
 
         plan = self.plans.get(ctx.module_name)
         if plan is None:
@@ -673,7 +673,7 @@ def build_method(
     method: str, calibration: CalibrationSpec | None, grouping: str = "contiguous", *, progress: bool = True
 ) -> Any:
     """The merge method the CLI asks for: calibrated when needed, the plain one otherwise."""
-    from .merging import get_method
+    from .methods import get_method
 
     if method == "aligned" or grouping == "similarity":
         return CalibratedMerge(method, calibration, grouping, progress=progress)

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import Architecture, get_architecture
-from .errors import CheckpointError, ConfigError
-from .io.checkpoint import Source, TensorInfo
+from ..architectures import Architecture, get_architecture
+from ..errors import CheckpointError, ConfigError
+from ..io.checkpoint import Source, TensorInfo
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def load_calibration_text(data: str, max_chars: int) -> str:
     if path.exists():
         return _local_text(path, max_chars)
     try:  # dataset specs as in uptraining (Hub ids, globs), when that module is available
-        from .data.text import DataConfig, load_text_dataset
+        from ..data.text import DataConfig, load_text_dataset
     except ImportError:  # pragma: no cover - only before the data module exists
         raise ConfigError(
             f"--calibration {data!r} does not exist; give a local text file or folder"

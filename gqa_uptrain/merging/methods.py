@@ -25,8 +25,8 @@ from typing import Protocol
 
 import torch
 
+from ..architectures.base import Role
 from .aligned import CalibratedMerge
-from .architectures.base import Role
 
 HeadBlocks = dict[str, dict[Role, torch.Tensor]]  # tensor suffix -> role -> [n_heads, d, *rest]
 
@@ -128,7 +128,7 @@ METHODS: Mapping[str, MergeMethod] = {
 
 def get_method(name: str) -> MergeMethod:
     """The merge method called ``name``; a clear error for an unknown one."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     try:
         return METHODS[name]
