@@ -28,6 +28,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import _moved
+from ._version import __version__ as __version__
 from .errors import CheckpointError, ConfigError, GQAError, OutputExistsError
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
@@ -36,8 +37,6 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from .hub.publish import push_folder
     from .modeling import register_auto_classes
     from .training import UptrainConfig, UptrainResult, load_recipe, uptrain
-
-__version__ = "0.1.0"
 
 # name -> submodule that defines it; imported on first access (PEP 562 module __getattr__).
 _LAZY = {

@@ -14,8 +14,9 @@ from _hub_fakes import FakeHubDownloads
 from huggingface_hub import ModelCard
 
 from gqa_uptrain import convert
+from gqa_uptrain.conversion.card import conversion_section
 from gqa_uptrain.conversion.pipeline import ConversionResult
-from gqa_uptrain.hub.card import conversion_section, evaluation_section, parse_eval_json, scrub_paths
+from gqa_uptrain.hub.card import evaluation_section, parse_eval_json, scrub_paths
 from gqa_uptrain.io.portability import portable_config, portable_tokenizer_config
 
 SOURCE_CARD = "---\nlicense: mit\nbase_model: someone/tiny-base\n---\n# tiny\n"

@@ -147,6 +147,64 @@ def test_kv_layout_of_configs_without_num_key_value_heads():
     assert falcon_mqa.attention == "MQA"
 
 
+def _kv_configs():
+    from transformers import GPT2Config, MistralConfig, T5Config
+
+    return {
+        "llama": tiny_llama(2).config,
+        "gpt2": GPT2Config(n_embd=64, n_layer=3, n_head=8),
+        "t5": T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4),
+        "mistral": MistralConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=8,
+        ),
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "mistral"])
+def test_kv_bytes_of_known_families_are_the_converters_figure(family):
+    """One calculator: for a family the converter describes, gqa-eval's bytes per token is the figure
+    of ``Architecture.kv_cache_bytes_per_token`` (what gqa-convert reports), and agrees with the layout."""
+    from gqa_uptrain.architectures import get_architecture
+
+    config = _kv_configs()[family]
+    raw = config.to_dict()
+    layout = kv_layout(config, torch.bfloat16)
+    assert layout.source == "architectures"
+    assert layout.bytes_per_token == get_architecture(raw).kv_cache_bytes_per_token(raw, None, 2)
+    per_cache = 2 * layout.num_kv_heads * layout.head_dim * 2  # K and V, bf16, one layer, one token
+    assert layout.bytes_per_token == per_cache * layout.num_layers * (2 if layout.cross_attention else 1)
+
+
+def test_expected_cache_bytes_follow_the_architectures_figure(monkeypatch):
+    """The expected bytes of a known family are derived from the architectures' figure, not recomputed:
+    change that figure and the expectation follows (the layout only spreads it over layers)."""
+    from gqa_uptrain.architectures import Architecture
+
+    config = _kv_configs()["mistral"]  # sliding window 8: the cap still applies per layer
+    plain = kv_layout(config, torch.float32)
+    real = Architecture.kv_cache_bytes_per_token
+    monkeypatch.setattr(Architecture, "kv_cache_bytes_per_token", lambda *a: 3 * real(*a))
+    tripled = kv_layout(config, torch.float32)
+    assert tripled.bytes_per_token == 3 * plain.bytes_per_token
+    for context in (4, 7, 50):
+        assert tripled.cache_bytes(context, batch=2) == 3 * plain.cache_bytes(context, batch=2)
+    assert plain.cache_bytes(50) == plain.cache_bytes(7)  # at most sliding_window - 1 tokens kept
+
+
+def test_kv_bytes_of_other_families_come_from_the_config_layout():
+    from transformers import FalconConfig
+
+    falcon = kv_layout(
+        FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True),
+        torch.float32,
+    )
+    assert falcon.source == "config" and falcon.bytes_per_token == 2 * 2 * 1 * 16 * 4
+
+
 def test_kv_cache_mismatch_is_reported_not_hidden():
     # transformers' Falcon with new_decoder_architecture expands its K/V heads to every query head
     # before caching: the config says 2 K/V heads, the cache holds 4. The check must say so.
@@ -319,6 +377,56 @@ def test_model_that_does_not_load(tmp_path):
     assert not out.exists()
     with pytest.raises(CheckpointError, match="does not exist"):
         evaluate(tmp_path / "missing")
+
+
+def test_one_path_or_repo_id_check(tmp_path):
+    from gqa_uptrain.io.locate import check_model_path
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(
+        CheckpointError, match=r"^model .*empty is not a checkpoint folder \(no config.json\)"
+    ):
+        check_model_path(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="model.path .*weights.bin is a file"):
+        check_model_path(tmp_path / "weights.bin", "model.path")
+    for missing in (tmp_path / "missing", "./owner/name", "a/b/c", "~/x", "bare-name"):
+        with pytest.raises(CheckpointError, match="does not exist; give a checkpoint folder or a Hub id"):
+            check_model_path(missing)
+    check_model_path("owner/name")  # a Hub id: only fetching it tells whether it exists
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    check_model_path(tmp_path / "empty")
+
+
+def test_one_trust_remote_code_rule(tmp_path):
+    """Code already on this machine (a folder whose config has an auto_map) runs; a Hub repo's code
+    runs only when asked for; an explicit setting always wins."""
+    from gqa_uptrain.io.models import trust_remote_code_for
+
+    ships, plain = tmp_path / "ships", tmp_path / "plain"
+    for folder, config in ((ships, {"auto_map": {"AutoConfig": "x.Y"}}), (plain, {"model_type": "llama"})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+    assert trust_remote_code_for(ships) and not trust_remote_code_for(plain)
+    assert not trust_remote_code_for("owner/name")
+    assert trust_remote_code_for("owner/name", True) and not trust_remote_code_for(ships, False)
+
+
+@pytest.mark.parametrize(
+    ("flag", "want"), [([], None), (["--trust-remote-code"], True), (["--no-trust-remote-code"], False)]
+)
+def test_cli_passes_the_trust_setting_to_the_loader(monkeypatch, flag, want):
+    import gqa_uptrain.evaluation.run as run
+
+    seen = []
+
+    def fake_load(source, device, dtype, *, trust_remote_code=None):
+        seen.append(trust_remote_code)
+        raise CheckpointError("stop here")
+
+    monkeypatch.setattr(run, "load_model", fake_load)
+    result = runner.invoke(app, ["owner/name", "--skip-speed", *flag])
+    assert result.exit_code != 0 and "stop here" in result.output and seen == [want]
 
 
 def test_dataset_without_text(tmp_path, tokenizer):

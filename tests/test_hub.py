@@ -219,10 +219,19 @@ def test_eval_json_shapes_and_model_choice(tmp_path):
         parse_eval_json({"model": "m", "perplexity": float("nan")})
 
 
-def test_remote_code_family(converted_once, tmp_path):
+def test_remote_code_family(converted_once, tmp_path, monkeypatch):
     """GPT-2 has no GQA in transformers: the checkpoint ships code through auto_map, the folder check
-    loads its config with trust_remote_code, the card says how to load it, and the code must be uploaded."""
+    registers our classes (as every entry point that loads a checkpoint does) and still loads the
+    config with trust_remote_code, the card says how to load it, and the code must be uploaded."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    import gqa_uptrain.modeling
+
+    registered = []
+    real_register = gqa_uptrain.modeling.register_auto_classes
+    monkeypatch.setattr(
+        gqa_uptrain.modeling, "register_auto_classes", lambda: registered.append(1) or real_register()
+    )
 
     torch.manual_seed(0)
     cfg = GPT2Config(
@@ -240,6 +249,7 @@ def test_remote_code_family(converted_once, tmp_path):
     assert 'AutoModelForCausalLM.from_pretrained("someone/gpt2-gqa2", trust_remote_code=True)' in card.text
     assert {"gqa", "gpt2"} <= set(card.data.tags) and validate_card(card) == []
     assert "modeling_gpt2_gqa.py" in [f.path for f in result.plan.files]
+    assert registered
     with pytest.raises(CheckpointError, match=r"auto_map needs modeling_gpt2_gqa\.py"):
         push_folder(out, "someone/gpt2-gqa2", dry_run=True, exclude=["modeling_*.py"])
 
@@ -386,6 +396,18 @@ def test_invalid_repo_id(folder, monkeypatch, repo_id, message):
     res, out = run_cli(export_app, [str(folder), repo_id])
     assert res.exit_code == 2 and message in out and "Traceback" not in out
     assert hub.calls == []
+
+
+def test_one_repo_id_check():
+    """The push target check lives with the path-or-repo-id check; the hub names are that function."""
+    import gqa_uptrain.hub
+    import gqa_uptrain.hub.publish
+    from gqa_uptrain.io.locate import check_repo_id
+
+    assert gqa_uptrain.hub.check_repo_id is check_repo_id is gqa_uptrain.hub.publish.check_repo_id
+    assert check_repo_id("me/model") == "me/model"
+    with pytest.raises(ConfigError, match="recipe key output.push_to_hub: 'me' must be OWNER/NAME"):
+        check_repo_id("me", "recipe key output.push_to_hub:")
 
 
 def test_incomplete_or_unsafe_folders_refused(folder, tmp_path, monkeypatch):

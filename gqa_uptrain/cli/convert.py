@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from ..calibration import DEFAULT_TOKENS
-from ..grouping import GROUPINGS
 from ..hub.card import _fmt_bytes
-from ..merging import METHODS
+from ..merging.calibration import DEFAULT_TOKENS
+from ..merging.grouping import GROUPINGS
+from ..merging.methods import METHODS
 from ._common import console, main_for, make_app, run_command, setup_logging
 
 if TYPE_CHECKING:
@@ -248,7 +248,7 @@ def convert(
     if result.needs_trust_remote_code:
         console.print(
             f"[yellow]{result.architecture} has no GQA in transformers:[/] load with trust_remote_code=True "
-            "(or import gqa_uptrain first)."
+            "(or call gqa_uptrain.register_auto_classes() first)."
         )
 
 

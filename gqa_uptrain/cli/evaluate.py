@@ -45,8 +45,8 @@ def evaluate(
     model: Annotated[
         str,
         typer.Argument(
-            help="Model to measure: a checkpoint folder or a Hub id. Checkpoints whose config.json has an "
-            "auto_map load with their own modelling code (trust_remote_code).",
+            help="Model to measure: a checkpoint folder or a Hub id. A folder whose config.json has an auto_map "
+            "loads with its own modelling code; a Hub repo's code runs only with --trust-remote-code.",
             show_default=False,
         ),
     ],
@@ -55,6 +55,16 @@ def evaluate(
         typer.Option(
             help="The original model, measured with the same settings and shown side by side.",
             rich_help_panel=_MODELS,
+        ),
+    ] = None,
+    trust_remote_code: Annotated[
+        bool | None,
+        typer.Option(
+            "--trust-remote-code/--no-trust-remote-code",
+            help="Run the modelling code the checkpoints ship (auto_map). Default: yes for a local folder that "
+            "ships it, no for a Hub repo; gqa-convert's GQA families load without it either way.",
+            rich_help_panel=_MODELS,
+            show_default=False,
         ),
     ] = None,
     data: Annotated[
@@ -217,6 +227,7 @@ def evaluate(
             dtype=DType(dtype).value,
             skip_speed=skip_speed,
             seed=seed,
+            trust_remote_code=trust_remote_code,
         )
         data_cfg = None
         if data:

@@ -51,7 +51,7 @@ from ..io.outputs import (
 )
 from ..io.portability import make_folder_portable
 from ..io.writer import PlannedTensor, ShardedWriter, parse_size, planned_files
-from ..merging import MergeContext, MergeMethod
+from ..merging.methods import MergeContext, MergeMethod
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ def convert(
         output: the folder to create (written to a temporary sibling, renamed when complete).
         num_kv_heads: G, the K/V heads wanted; must divide the source's K/V heads.
         method: ``mean`` (the paper), ``first`` or ``random`` (its ablations), ``aligned``
-            (function-aware, needs ``calibration``), or a :class:`~gqa_uptrain.merging.MergeMethod`.
+            (function-aware, needs ``calibration``), or a :class:`~gqa_uptrain.merging.methods.MergeMethod`.
         calibration: text the calibrated methods fit on: a local text file or folder, or a
             dataset spec as in uptraining. Needed by ``aligned`` and ``grouping="similarity"``.
         calibration_tokens: tokens of ``calibration`` to use [default: 65536].
@@ -425,7 +425,7 @@ def convert(
             )
             _write_support_files(src, arch, tmp, out_config)
             result.seconds = time.perf_counter() - t0
-            from ..hub.card import write_conversion_card
+            from .card import write_conversion_card
 
             write_conversion_card(tmp, result, config, source=src)
             result.files = sorted(p.name for p in tmp.iterdir())
@@ -581,13 +581,13 @@ def _merge_method(
         if calibration is not None or grouping != "contiguous":
             raise ConfigError(
                 "calibration= and grouping= apply to a method given by name; a MergeMethod object "
-                "carries its own (see gqa_uptrain.aligned.build_method)"
+                "carries its own (see gqa_uptrain.merging.aligned.build_method)"
             )
         return method
     if calibration is None and (tokens is not None or seq_len is not None):
         raise ConfigError("calibration_tokens/calibration_seq_len were given without calibration= text")
-    from ..aligned import build_method
-    from ..calibration import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, CalibrationSpec
+    from ..merging.aligned import build_method
+    from ..merging.calibration import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, CalibrationSpec
 
     spec = None
     if calibration is not None:

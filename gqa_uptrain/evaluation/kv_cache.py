@@ -11,6 +11,12 @@ refinements that real families need:
   keys/values of the encoder output; both count (the paper converts both, Ainslie et al. 2023 §3);
 - sliding-window layers (Mistral, Gemma-2) keep at most ``sliding_window - 1`` past tokens.
 
+One calculator: for the families :mod:`gqa_uptrain.architectures` describes (the ones the converter
+handles), bytes per token is :meth:`~gqa_uptrain.architectures.Architecture.kv_cache_bytes_per_token`,
+the figure ``gqa-convert`` reports; the layout read here only places those bytes per layer (sliding
+windows, self- vs cross-attention). For other families (Falcon, GPT-BigCode, ...) the layout read from
+the config is the only source, and gives the figure by the formula above.
+
 The computation is checked against :func:`allocated_cache_bytes`, the sum of the bytes of the K/V
 tensors in the cache ``model.generate`` returns, so a family whose cache does not follow its config
 (or a GQA model that caches repeated K/V heads, saving nothing) shows up as a mismatch instead of
@@ -27,7 +33,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..architectures import get_architecture
+from ..errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +52,20 @@ class KVLayout:
     cross_attention: bool  # encoder-decoder: each decoder layer also caches the encoder's K/V
     sliding_layers: int = 0  # layers that keep at most ``sliding_window - 1`` past tokens
     sliding_window: int | None = None
+    bytes_per_token: int = -1
+    """Cache bytes one token of context adds (no sliding-window cap; self + cross for enc-dec).
+    Left out (-1), it is computed from the fields above."""
+    source: str = "config"
+    """Where ``bytes_per_token`` comes from: ``architectures`` or ``config`` (the layout above)."""
+
+    def __post_init__(self) -> None:
+        if self.bytes_per_token < 0:
+            per_layer = 2 * self.num_kv_heads * self.head_dim * self.bytes_per_element
+            self.bytes_per_token = per_layer * self.num_layers * self._caches_per_layer
+
+    @property
+    def _caches_per_layer(self) -> int:
+        return 2 if self.cross_attention else 1  # encoder-decoder: self- and cross-attention
 
     @property
     def attention(self) -> str:
@@ -53,19 +74,12 @@ class KVLayout:
             return "MHA"
         return "MQA" if self.num_kv_heads == 1 else "GQA"
 
-    @property
-    def bytes_per_token(self) -> int:
-        """Cache bytes one token of context adds (no sliding-window cap; self + cross for enc-dec)."""
-        per_layer = 2 * self.num_kv_heads * self.head_dim * self.bytes_per_element
-        return per_layer * self.num_layers * (2 if self.cross_attention else 1)
-
     def cache_bytes(self, context: int, batch: int = 1, decoder_tokens: int | None = None) -> int:
         """Bytes of the cache holding ``context`` tokens for ``batch`` sequences.
 
         Encoder-decoder models: ``context`` is the encoder input length (cross-attention cache) and
         ``decoder_tokens`` (default: ``context``) the tokens in the decoder self-attention cache.
         """
-        per_layer_token = 2 * self.num_kv_heads * self.head_dim * self.bytes_per_element
         self_tokens = context
         if self.cross_attention and decoder_tokens is not None:
             self_tokens = decoder_tokens
@@ -75,13 +89,14 @@ class KVLayout:
             tokens += self.sliding_layers * min(self_tokens, (self.sliding_window or self_tokens + 1) - 1)
         if self.cross_attention:
             tokens += self.num_layers * context
-        return batch * tokens * per_layer_token
+        # Every cache of every layer is the same size per token: ``bytes_per_token`` split evenly
+        # (multiplied first, so the division is exact).
+        return batch * tokens * self.bytes_per_token // (self.num_layers * self._caches_per_layer)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view, with the derived figures."""
         d = asdict(self)
         d["attention"] = self.attention
-        d["bytes_per_token"] = self.bytes_per_token
         return d
 
 
@@ -146,17 +161,35 @@ def kv_layout(config: Any, dtype: torch.dtype) -> KVLayout:
         elif getattr(cfg, "use_sliding_window", True):
             sliding = layers
 
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    known = _architecture_bytes_per_token(config, itemsize)
     return KVLayout(
         family=family,
         num_layers=layers,
         num_attention_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        bytes_per_element=torch.empty((), dtype=dtype).element_size(),
+        bytes_per_element=itemsize,
         cross_attention=enc_dec,
         sliding_layers=sliding,
         sliding_window=window if sliding else None,
+        bytes_per_token=-1 if known is None else known,
+        source="config" if known is None else "architectures",
     )
+
+
+def _architecture_bytes_per_token(config: Any, itemsize: int) -> int | None:
+    """The converter's figure for a family :mod:`gqa_uptrain.architectures` describes, else None."""
+    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    try:
+        arch = get_architecture(raw)
+    except CheckpointError:
+        return None  # a family the converter does not handle: the layout read above decides
+    try:
+        return arch.kv_cache_bytes_per_token(raw, None, itemsize)
+    except (CheckpointError, KeyError, TypeError, ValueError) as e:
+        logger.debug("%s: KV-cache bytes from the config layout (%s)", arch.name, e)
+        return None
 
 
 def _tensor_bytes(obj: Any) -> int:

@@ -53,6 +53,9 @@ class EvalOptions:
     """Do not time generation (KV-cache sizes and perplexity only)."""
     seed: int = 0
     """Seed of the random prompts of the cache and speed runs."""
+    trust_remote_code: bool | None = None
+    """Run the modelling code a checkpoint ships; None: yes for a local folder that ships it, no for a
+    Hub repo (:func:`gqa_uptrain.io.models.trust_remote_code_for`)."""
     progress: bool = True
     """Show progress bars."""
 
@@ -255,7 +258,9 @@ def evaluate(
     docs = _documents(data, opts.held_out) if data is not None else None
 
     loaded = [
-        m if isinstance(m, LoadedModel) else load_model(m, opts.device, opts.dtype)
+        m
+        if isinstance(m, LoadedModel)
+        else load_model(m, opts.device, opts.dtype, trust_remote_code=opts.trust_remote_code)
         for m in (model, baseline)
         if m is not None
     ]

@@ -38,8 +38,10 @@ from typing import Any
 
 from huggingface_hub import HfApi, ModelCard
 
+from .._version import __version__
 from ..errors import CheckpointError, ConfigError, GQAError
 from ..io.checkpoint import PickleReader, SafetensorsReader
+from ..io.locate import check_repo_id as check_repo_id  # re-exported: its home until 0.2
 from ..io.outputs import atomic_write_text
 from .card import (
     EvalEntry,
@@ -123,23 +125,6 @@ class PushResult:
 # ----------------------------------------------------------------------------------------------
 # Inputs: repo id, options, token
 # ----------------------------------------------------------------------------------------------
-
-
-def check_repo_id(repo_id: str, what: str = "repo id") -> str:
-    """Raise :class:`ConfigError` unless ``repo_id`` is a valid ``owner/name`` Hub model id."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if repo_id.count("/") != 1:
-        raise ConfigError(
-            f"{what} {repo_id!r} must be OWNER/NAME (your user or organisation, then the model name)"
-        )
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        reason = str(e).splitlines()[0].rstrip(".")
-        raise ConfigError(f"{what} {repo_id!r} is not a valid Hub repo id: {reason}") from None
-    return repo_id
 
 
 def check_upload_options(revision: str | None, create_pr: bool) -> None:
@@ -266,6 +251,12 @@ def check_folder(
 
     from transformers import AutoConfig, AutoTokenizer
 
+    from ..modeling import register_auto_classes
+
+    # As every entry point of ours that loads a checkpoint: our GQA classes are known to the Auto
+    # classes. A folder with an auto_map is still checked with its own shipped code (remote code
+    # wins over a registered class when trust_remote_code is set), which is what downloaders run.
+    register_auto_classes()
     # transformers raises many exception types for a bad config or tokenizer; any of them means the
     # folder would not load for the people downloading it, which is what we report.
     try:
@@ -499,8 +490,6 @@ def _upload(
     create_pr: bool,
     commit_message: str | None,
 ) -> PushResult:
-    from .. import __version__
-
     if not resumable_uploads():
         logger.warning("uploads are not resumable here: %s", RETRY_HINT)
     api = HfApi(token=token, library_name="gqa-uptrain", library_version=__version__)

@@ -2,7 +2,10 @@
 
 Sources: a local folder or a Hub repo id holding ``model.safetensors`` or sharded safetensors with
 ``model.safetensors.index.json``; pickled ``pytorch_model*.bin`` only on request (loaded with
-``weights_only=True``); a GGUF file (dequantized tensor by tensor, see ``gguf_source.py``).
+``weights_only=True``); a GGUF file (dequantized tensor by tensor, see ``gguf.py``).
+
+The shared types (:class:`TensorInfo`, :class:`Source`, the reader protocol) are in ``tensors.py``
+and re-exported here.
 
 Safetensors are parsed here rather than through ``safe_open``: reading with ``readinto`` keeps the
 resident memory at one tensor (mmap'd pages of a multi-GB file count toward RSS), lets a
@@ -19,13 +22,19 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 import torch
 
 from ..errors import CheckpointError
+
+# Re-exported: these lived here until 0.2 and callers still import them from here.
+from .locate import looks_like_repo_id as looks_like_repo_id
+from .tensors import Source as Source
+from .tensors import TensorInfo as TensorInfo
+from .tensors import TensorReader as TensorReader
+from .tensors import dtype_itemsize as dtype_itemsize
 
 logger = logging.getLogger(__name__)
 
@@ -62,39 +71,6 @@ TOKENIZER_FILES = (
 )
 # README.md: the source's card, for the license and base model the converted card carries over.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.gguf", "README.md"]
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives and what it is."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    file: Path | None = None  # safetensors file holding the raw bytes
-    begin: int = 0  # absolute byte offsets in ``file``
-    end: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
-
-
-class TensorReader(Protocol):
-    """What the converter needs from a checkpoint: tensors in storage order, one at a time."""
-
-    def infos(self) -> list[TensorInfo]: ...
-
-    def read(self, info: TensorInfo) -> torch.Tensor: ...
-
-    def close(self) -> None: ...
-
-
-def dtype_itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def read_safetensors_header(path: Path) -> list[TensorInfo]:
@@ -319,32 +295,6 @@ class PickleReader:
 
     def close(self) -> None:
         self._cache = None
-
-
-@dataclass
-class Source:
-    """A resolved checkpoint: a local folder, its config, and a reader for its tensors."""
-
-    folder: Path
-    config: dict[str, Any]
-    reader: TensorReader
-    name: str  # what the user called it (Hub id or path), for the model card
-    gguf_file: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def close(self) -> None:
-        self.reader.close()
-
-
-def looks_like_repo_id(s: str) -> bool:
-    """``owner/name`` with no path-like parts: what the Hub accepts as a repo id."""
-    parts = s.split("/")
-    return (
-        len(parts) == 2
-        and all(parts)
-        and not s.startswith((".", "/", "~"))
-        and all(p not in (".", "..") for p in parts)
-    )
 
 
 def download_from_hub(repo_id: str, revision: str | None, token: str | bool | None) -> Path:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .checkpoint import Source, TensorInfo
+from .tensors import Source, TensorInfo
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class GGUFReader:
 
 
 def open_gguf(path: Path, name: str) -> Source:
-    """Open a GGUF file as a :class:`~gqa_uptrain.io.checkpoint.Source` (config from its metadata)."""
+    """Open a GGUF file as a :class:`~gqa_uptrain.io.tensors.Source` (config from its metadata)."""
     try:
         from transformers import AutoConfig
 
