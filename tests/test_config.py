@@ -124,7 +124,7 @@ def test_shipped_accelerate_configs_load(config):
     cfg = load_config_from_file(str(RECIPES / "accelerate" / config))
     assert cfg.num_processes >= 2 and cfg.mixed_precision in ("no", "bf16")
     if config == "deepspeed-zero3.yaml":
-        # Filled from the recipe's optim.grad_accum / optim.grad_clip (training.align_deepspeed_plugin).
+        # Filled from the recipe's optim.grad_accum / optim.grad_clip (training.setup.align_deepspeed_plugin).
         ds = cfg.deepspeed_config
         assert ds["gradient_accumulation_steps"] == "auto" and ds["gradient_clipping"] == "auto"
     if config == "multi-cpu.yaml":

@@ -1,4 +1,4 @@
-"""The uptraining loop end to end on tiny GQA Llamas and real text (gqa_uptrain.training.loop, gqa-uptrain)."""
+"""The uptraining loop end to end on tiny GQA Llamas and real text (gqa_uptrain.training, gqa-uptrain)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 import yaml
 from _assets import require_asset
 from _uptrain_fixtures import build_world, tiny_recipe
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -25,9 +26,12 @@ from typer.testing import CliRunner
 
 from gqa_uptrain.cli.uptrain import app
 from gqa_uptrain.errors import CheckpointError, ConfigError, GQAError, OutputExistsError
-from gqa_uptrain.training import loop as training
+from gqa_uptrain.training import checkpointing, distributed, loop, losses
+from gqa_uptrain.training.checkpointing import run_lock
 from gqa_uptrain.training.config import config_from_dict
-from gqa_uptrain.training.loop import align_deepspeed_plugin, checkpoint_dtype, run_lock, uptrain
+from gqa_uptrain.training.loop import uptrain
+from gqa_uptrain.training.models import checkpoint_dtype
+from gqa_uptrain.training.setup import align_deepspeed_plugin
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +42,7 @@ def world(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("uptrain"))
 
 
-def run(world: Path, out: Path, **sections) -> training.UptrainResult:
+def run(world: Path, out: Path, **sections) -> loop.UptrainResult:
     return uptrain(config_from_dict(tiny_recipe(world, out, **sections)))
 
 
@@ -88,7 +92,7 @@ def test_uptraining_lowers_held_out_loss_and_saves_a_stock_checkpoint(world, tmp
 def test_ctrl_c_checkpoints_and_resume_matches_uninterrupted_run(world, reference, tmp_path, monkeypatch):
     ref_out, ref = reference
     out = tmp_path / "run"
-    real_clip = training.Accelerator.clip_grad_norm_
+    real_clip = Accelerator.clip_grad_norm_
     calls = {"n": 0}
 
     def clip_then_interrupt(self, *a, **k):
@@ -97,7 +101,7 @@ def test_ctrl_c_checkpoints_and_resume_matches_uninterrupted_run(world, referenc
             os.kill(os.getpid(), signal.SIGINT)
         return real_clip(self, *a, **k)
 
-    monkeypatch.setattr(training.Accelerator, "clip_grad_norm_", clip_then_interrupt)
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip_then_interrupt)
     r = run(world, out)
     monkeypatch.undo()
     assert r.interrupted and r.steps == 7 and r.model_dir is None
@@ -115,7 +119,7 @@ def test_ctrl_c_checkpoints_and_resume_matches_uninterrupted_run(world, referenc
 def test_crash_then_resume_from_last_checkpoint_matches(world, reference, tmp_path, monkeypatch):
     ref_out, _ = reference
     out = tmp_path / "run"
-    real_clip = training.Accelerator.clip_grad_norm_
+    real_clip = Accelerator.clip_grad_norm_
     calls = {"n": 0}
 
     def clip_then_crash(self, *a, **k):
@@ -124,11 +128,11 @@ def test_crash_then_resume_from_last_checkpoint_matches(world, reference, tmp_pa
             raise RuntimeError("node lost")
         return real_clip(self, *a, **k)
 
-    monkeypatch.setattr(training.Accelerator, "clip_grad_norm_", clip_then_crash)
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip_then_crash)
     with pytest.raises(RuntimeError, match="node lost"):
         run(world, out)
     monkeypatch.undo()
-    assert training.latest_checkpoint(out).name == "step_00000008"
+    assert checkpointing.latest_checkpoint(out).name == "step_00000008"
     assert not (out / ".lock").exists()
     run(world, out, output={"resume": True})
     assert_same_weights(weights(out), weights(ref_out))
@@ -136,7 +140,7 @@ def test_crash_then_resume_from_last_checkpoint_matches(world, reference, tmp_pa
 
 def test_nan_loss_stops_naming_the_step_and_keeps_checkpoint(world, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real = training.causal_lm_loss
+    real = loop.causal_lm_loss
     calls = {"n": 0}
 
     def nan_at_step_6(logits, ids, per_sequence=False):
@@ -147,12 +151,12 @@ def test_nan_loss_stops_naming_the_step_and_keeps_checkpoint(world, tmp_path, mo
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(training, "causal_lm_loss", nan_at_step_6)
+    monkeypatch.setattr(loop, "causal_lm_loss", nan_at_step_6)
     with pytest.raises(
         GQAError, match=r"loss became nan at step 6;.*last good checkpoint is .*step_00000004"
     ):
         run(world, out)
-    ckpt = training.latest_checkpoint(out)
+    ckpt = checkpointing.latest_checkpoint(out)
     assert ckpt.name == "step_00000004"
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 4
 
@@ -170,6 +174,46 @@ def test_freezing_keeps_frozen_tensors_bit_identical(world, tmp_path, mode):
     assert r.trainable_parameters == sum(before[k].numel() for k in expected)
 
 
+_KV = {"self_attn.k_proj.weight", "self_attn.v_proj.weight"}
+_KV_BIAS = _KV | {"self_attn.k_proj.bias", "self_attn.v_proj.bias"}
+
+
+@pytest.mark.parametrize(
+    ("model_type", "extra", "kv"),
+    [
+        ("llama", {}, _KV),
+        ("qwen2", {}, _KV_BIAS),
+        ("qwen3", {}, _KV | {"self_attn.k_norm.weight"}),  # one K norm shared by the heads
+        ("olmo2", {}, _KV | {"self_attn.k_norm.weight"}),  # a norm over the whole K projection
+        (
+            "stablelm",
+            {"qk_layernorm": True},
+            _KV_BIAS | {f"self_attn.k_layernorm.norms.{i}.weight" for i in range(2)},
+        ),
+        ("phi3", {}, {"self_attn.qkv_proj.weight"}),  # fused: trains whole
+        ("gpt2", {"n_embd": 64, "n_head": 4, "n_layer": 2}, {"attn.c_attn.weight", "attn.c_attn.bias"}),
+        ("falcon", {"new_decoder_architecture": False}, {"self_attention.query_key_value.weight"}),  # by name
+    ],
+)
+def test_freezing_selects_each_familys_attention_and_kv(model_type, extra, kv):
+    """freeze.mode's parameters come from the family's architecture entry (gqa_uptrain.architectures.
+    trainable); a family without one (Falcon) is read by parameter-name parts."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from gqa_uptrain.training.models import select_trainable
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type, num_kv_heads=2, **extra))
+    layer0 = next(n for n, _ in model.named_parameters() if ".0." in n).split(".0.")[0] + ".0."
+    in_layer0 = {n.removeprefix(layer0) for n in select_trainable(model, "kv") if n.startswith(layer0)}
+    assert in_layer0 == kv
+    attention = {n.removeprefix(layer0) for n in select_trainable(model, "attention") if n.startswith(layer0)}
+    assert kv < attention and all(n.split(".")[0] == next(iter(kv)).split(".")[0] for n in attention)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.removeprefix(layer0) for n in trained if n.startswith(layer0)} == attention
+
+
 def test_distillation_pulls_student_towards_teacher(world, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -185,7 +229,7 @@ def test_distillation_pulls_student_towards_teacher(world, tmp_path):
     def kl(folder: Path) -> float:
         student = AutoModelForCausalLM.from_pretrained(folder / "model").eval()
         with torch.no_grad():
-            return training.kl_to_teacher(student(ids).logits, teacher(ids).logits).item()
+            return losses.kl_to_teacher(student(ids).logits, teacher(ids).logits).item()
 
     assert kl(tmp_path / "kd") < 0.5 * kl(tmp_path / "lm")
 
@@ -238,9 +282,9 @@ if os.environ.get("LOCAL_RANK") is not None and os.environ.get("GQA_RANK_DUMP"):
     import torch
     import torch.distributed as dist
 
-    from gqa_uptrain.training import loop as training
+    from gqa_uptrain.training import finish
 
-    _real = training._save_final_model
+    _real = finish.save_final_model
 
     def _spy(cfg, acc, model, *args, **kwargs):
         params = {n: p.detach().clone() for n, p in acc.unwrap_model(model).named_parameters()}
@@ -249,7 +293,7 @@ if os.environ.get("LOCAL_RANK") is not None and os.environ.get("GQA_RANK_DUMP"):
         torch.save({"params": params, **info}, os.environ["GQA_RANK_DUMP"].format(rank=acc.process_index))
         return _real(cfg, acc, model, *args, **kwargs)
 
-    training._save_final_model = _spy
+    finish.save_final_model = _spy
 """
 
 
@@ -322,7 +366,7 @@ def test_accelerate_launch_multi_cpu_config_matches_one_process(world, reference
 
 def test_fsdp_or_deepspeed_launch_on_cpu_is_refused(world, tmp_path, monkeypatch):
     """accelerate drops FSDP / DeepSpeed on CPU (plain data parallel instead): say so, do not train."""
-    monkeypatch.setattr(training.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("LOCAL_RANK", "0")
     for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         monkeypatch.setenv(var, "true")
@@ -398,7 +442,7 @@ def test_checkpoint_dtype_reads_config_then_safetensors_header(world, tmp_path):
 
 
 def _process(main: bool, local_main: bool) -> SimpleNamespace:
-    """The parts of an Accelerator that _save_checkpoint uses, for one process of a 2-node run."""
+    """The parts of an Accelerator that save_checkpoint uses, for one process of a 2-node run."""
 
     def save_state(folder: str) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
@@ -407,7 +451,7 @@ def _process(main: bool, local_main: bool) -> SimpleNamespace:
     return SimpleNamespace(
         is_main_process=main,
         is_local_main_process=local_main,
-        num_processes=1,  # _all_ranks needs no process group for this single-process stand-in
+        num_processes=1,  # all_ranks needs no process group for this single-process stand-in
         process_index=0,
         distributed_type=DistributedType.MULTI_GPU,
         save_state=save_state,
@@ -434,7 +478,7 @@ def test_checkpoint_rotation_happens_once_per_filesystem(
         for step in (1, 2):
             (root / f"step_{step:08d}").mkdir(parents=True)
             (root / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
-        training._save_checkpoint(
+        checkpointing.save_checkpoint(
             _process(main, local_main), root, {"step": 3}, keep_last=1, save_on_each_node=save_on_each_node
         )
         names = sorted(p.name for p in root.iterdir())
@@ -452,13 +496,13 @@ def test_save_on_each_node_reaches_accelerate(world, tmp_path, monkeypatch):
     """checkpoint.save_on_each_node is accelerate's ProjectConfiguration.save_on_each_node (which
     decides where save_state writes model and optimizer files)."""
     seen = {}
-    real = training.Accelerator.__init__
+    real = Accelerator.__init__
 
     def spy(self, *a, **k):
         seen["save_on_each_node"] = k["project_config"].save_on_each_node
         return real(self, *a, **k)
 
-    monkeypatch.setattr(training.Accelerator, "__init__", spy)
+    monkeypatch.setattr(Accelerator, "__init__", spy)
     for value in (False, True):
         run(world, tmp_path / f"run{value}", budget={"steps": 1}, checkpoint={"every": 0, "save_on_each_node": value},
             eval={"at_start": False})  # fmt: skip
@@ -578,7 +622,7 @@ def test_resume_across_an_epoch_boundary_matches_uninterrupted_run(world, tmp_pa
     assert ref.steps == steps and steps * grad_accum > 2 * per_epoch  # into a third epoch
 
     out = tmp_path / "run"
-    real_clip = training.Accelerator.clip_grad_norm_
+    real_clip = Accelerator.clip_grad_norm_
     calls = {"n": 0}
     kind, at = stop
 
@@ -590,14 +634,14 @@ def test_resume_across_an_epoch_boundary_matches_uninterrupted_run(world, tmp_pa
             os.kill(os.getpid(), signal.SIGINT)  # seen at the next step's sync: stops after step at+1
         return real_clip(self, *a, **k)
 
-    monkeypatch.setattr(training.Accelerator, "clip_grad_norm_", clip_then_stop)
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip_then_stop)
     if kind == "crash":
         with pytest.raises(RuntimeError, match="node lost"):
             run(world, out, **sections)
     else:
         assert run(world, out, **sections).interrupted
     monkeypatch.undo()
-    ckpt = training.latest_checkpoint(out)
+    ckpt = checkpointing.latest_checkpoint(out)
     saved = json.loads((ckpt / "trainer_state.json").read_text())
     assert saved["step"] == expect_ckpt
     micro = expect_ckpt * grad_accum  # micro-batches consumed; the last one is in epoch (micro - 1) // B
@@ -624,7 +668,7 @@ import os
 import time
 
 if os.environ.get("RANK") == os.environ.get("GQA_FAIL_RANK") and os.environ.get("GQA_FAIL_AT"):
-    from gqa_uptrain.training import loop as training
+    from gqa_uptrain.training import setup as training
 
     def _fail(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -635,7 +679,7 @@ if os.environ.get("RANK") == os.environ.get("GQA_FAIL_RANK") and os.environ.get(
 
 
 def test_errors_cross_processes_typed(monkeypatch):
-    """What _all_ranks hands the other processes: the exception object itself (pickled), so a
+    """What all_ranks hands the other processes: the exception object itself (pickled), so a
     GQAError arrives as the same class with the same message; anything else as a ProcessError that
     names the failed process, the phase and the original type. Here process 1 of 2, with process 0's
     report faked (the two-process tests below run the real exchange)."""
@@ -645,7 +689,7 @@ def test_errors_cross_processes_typed(monkeypatch):
 
     def exchange_with(remote_error: Exception):
         def all_gather_object(outcomes, mine):
-            theirs = training._Outcome(
+            theirs = distributed.Outcome(
                 rank=0, error_type=f"x.{type(remote_error).__name__}", message=str(remote_error)
             )
             with contextlib.suppress(Exception):
@@ -657,7 +701,7 @@ def test_errors_cross_processes_typed(monkeypatch):
     exchange_with(OutputExistsError("output folder /o holds a previous run; pass --resume"))
     with (
         pytest.raises(OutputExistsError, match="holds a previous run; pass --resume"),
-        training._all_ranks(me, "preparing the output folder"),
+        distributed.all_ranks(me, "preparing the output folder"),
     ):
         pass
 
@@ -665,7 +709,7 @@ def test_errors_cross_processes_typed(monkeypatch):
         pass
 
     exchange_with(Unpicklable("mount lost"))
-    with pytest.raises(training.ProcessError) as e, training._all_ranks(me, "loading the model"):
+    with pytest.raises(distributed.ProcessError) as e, distributed.all_ranks(me, "loading the model"):
         pass
     assert (e.value.rank, e.value.phase, e.value.error_type) == (0, "loading the model", "x.Unpicklable")
     assert "process 0 of 2 failed while loading the model: Unpicklable: mount lost" in str(e.value)
@@ -673,10 +717,10 @@ def test_errors_cross_processes_typed(monkeypatch):
 
     # No failure anywhere: each process's shared value reaches all.
     def all_ok(outcomes, mine):
-        outcomes[:] = [training._Outcome(rank=0, share="from 0"), mine]
+        outcomes[:] = [distributed.Outcome(rank=0, share="from 0"), mine]
 
     monkeypatch.setattr(torch.distributed, "all_gather_object", all_ok)
-    with training._all_ranks(me, "agreeing") as phase:
+    with distributed.all_ranks(me, "agreeing") as phase:
         phase.share = "from 1"
     assert phase.shared == ["from 0", "from 1"]
 
@@ -690,7 +734,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("fail_rank", "fail_at", "phase"),
-    [(0, "_prepare_output", "preparing the output folder"), (1, "_load_model", "loading the model")],
+    [(0, "prepare_output", "preparing the output folder"), (1, "load_model", "loading the model")],
 )
 def test_non_gqa_error_on_one_process_stops_every_process(world, tmp_path, fail_rank, fail_at, phase):
     """Two processes started on their own (as on two nodes: no launcher kills the survivor), one of

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from gqa_uptrain.cli.uptrain import app
 from gqa_uptrain.errors import ConfigError
 from gqa_uptrain.hub.publish import HubError
-from gqa_uptrain.training import loop as training
+from gqa_uptrain.training import loop
 from gqa_uptrain.training.config import config_from_dict
 
 FAKE_TOKEN = "hf_FAKEuptrainToken0987654321"
@@ -92,7 +92,7 @@ def test_push_to_a_branch_from_the_recipe(world, tmp_path, monkeypatch):
             output={"push_to_hub": REPO_ID, "hub_revision": "uptrained"},
         )
     )
-    result = training.uptrain(cfg)
+    result = loop.uptrain(cfg)
     assert hub.names() == ["create_repo", "create_branch", "upload_folder"]
     assert hub.kwargs("create_branch")["branch"] == "uptrained"
     assert hub.kwargs("upload_folder")["revision"] == "uptrained"
@@ -103,7 +103,7 @@ def test_push_to_a_branch_from_the_recipe(world, tmp_path, monkeypatch):
 def test_missing_token_or_bad_repo_fails_before_training(world, tmp_path, monkeypatch):
     hub = FakeHub(monkeypatch)
     started = []
-    monkeypatch.setattr(training, "_run", lambda *a, **k: started.append(1))
+    monkeypatch.setattr(loop, "setup", lambda *a, **k: started.append(1))
     recipe, out = write_recipe(world, tmp_path)
 
     monkeypatch.delenv("HF_TOKEN")
@@ -181,4 +181,4 @@ def test_hub_error_class_survives_the_broadcast(world, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     cfg = config_from_dict(tiny_recipe(world, tmp_path / "run", output={"push_to_hub": REPO_ID}))
     with pytest.raises(HubError, match="no Hugging Face token"):
-        training.uptrain(cfg)
+        loop.uptrain(cfg)

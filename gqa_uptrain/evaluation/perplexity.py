@@ -152,3 +152,21 @@ def perplexity(
         stride=stride,
         windows=len(wins),
     )
+
+
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token negative log-likelihood (nats, float32) and scored-token count of each sequence.
+
+    Position t predicts token t+1; labels of -100 are context only, and the last position predicts
+    nothing. logits [B, L, V], labels [B, L] -> (nll [B], tokens [B]). Perplexity is
+    ``exp(sum(nll) / sum(tokens))`` over all scored tokens (the token-weighted mean NLL): what
+    uptraining reports on its held-out blocks (``gqa_uptrain.training.loop.held_out_perplexity``)
+    and the definition :func:`perplexity` computes over its windows.
+    """
+    B, L, V = logits.shape
+    # Shift the labels, not the logits: slicing logits[:, :-1] would copy the largest tensor ([B, L, V]).
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, L]
+    nll = F.cross_entropy(
+        logits.float().reshape(B * L, V), targets.reshape(-1), ignore_index=-100, reduction="none"
+    )
+    return nll.view(B, L).sum(dim=1), (targets != -100).sum(dim=1)

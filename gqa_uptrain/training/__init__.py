@@ -1,6 +1,16 @@
 """Uptraining stage: the recipe (typed config from YAML), and the accelerate training loop.
 
-``gqa_uptrain.training.config`` is light (no torch, no ``datasets``); the loop loads on first use.
+* ``config``: the recipe (light: no torch, no ``datasets``);
+* ``loop``: :func:`uptrain` = ``setup`` -> ``fit`` (``train_step``, held-out perplexity) -> ``finish``;
+* ``setup``: accelerator, run folder, data, models, optimizer, ``prepare``, resume;
+* ``finish``: final checkpoint, model in the checkpoint's dtype, results.json, card, push;
+* ``state``: the typed :class:`TrainState` (checkpointed progress), ``Run`` and ``UptrainResult``;
+* ``checkpointing``: run lock, checkpoints (save, rotate, newest, resume);
+* ``distributed``: one outcome for all processes (``all_ranks``, ``ProcessError``);
+* ``models``: loading student and teacher, the checkpoint's dtype, freezing;
+* ``losses``: LM loss and distillation KL.
+
+Everything but ``config`` loads on first use.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ _WHERE = {
     "UptrainConfig": "config",
     "dump_recipe": "config",
     "load_recipe": "config",
-    "UptrainResult": "loop",
+    "UptrainResult": "state",
     "uptrain": "loop",
 }
 

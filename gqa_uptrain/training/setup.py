@@ -1,0 +1,377 @@
+"""Set-up of an uptraining run: the accelerator, the run folder, then everything the loop trains with.
+
+In the order accelerate's examples use: ``Accelerator(...)``, the seed, tokenizer and data, model
+(and teacher), optimizer and schedule, data loaders, ``accelerator.prepare``, ``load_state`` on
+resume, trackers. Every phase that can fail on one process alone runs inside
+:func:`~gqa_uptrain.training.distributed.all_ranks`, so a failure stops every process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DeepSpeedPlugin,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    set_seed,
+)
+from torch.utils.data import DataLoader
+
+from ..data.text import PackedData, prepare_data
+from ..errors import ConfigError, GQAError
+from ..io.outputs import atomic_write_text
+from .checkpointing import prepare_output, resume, run_lock
+from .config import OptimConfig, UptrainConfig, dump_recipe
+from .distributed import all_ranks, one_line
+from .models import check_model_path, checkpoint_dtype, load_model, select_trainable, trust_remote_code
+from .state import Run, TrainState
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# The accelerator
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve_mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    env = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by `accelerate launch` configs
+    if env:
+        return env
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _trackers(cfg: UptrainConfig) -> list[str]:
+    return [t for t in cfg.output.log_with if t and t != "none"]
+
+
+def _refuse_sharding_on_cpu() -> None:
+    """Refuse an ``accelerate launch`` FSDP or DeepSpeed config on a machine without a GPU.
+
+    accelerate (1.x) turns FSDP and DeepSpeed on only for GPU-like devices: on CPU its state is
+    ``MULTI_CPU`` and the plugin is dropped, so the run would silently be plain data parallel with
+    the whole model on every process (FSDP v1's ``sync_module_states`` even fails to construct).
+    """
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "false").lower() == "true":
+            raise ConfigError(
+                f"the accelerate config asks for {name}, which accelerate runs only on GPUs: on CPU it would be "
+                "plain data parallel with the whole model on every process; launch with "
+                "recipes/accelerate/multi-cpu.yaml (or torchrun) instead"
+            )
+
+
+def align_deepspeed_plugin(plugin: DeepSpeedPlugin, optim: OptimConfig) -> None:
+    """Make the DeepSpeed config's accumulation and clipping the recipe's, or refuse a mismatch.
+
+    Under DeepSpeed the engine accumulates and clips by its own config, and accelerate lets the
+    DeepSpeed values win over the training script's with only a warning: a config that says 32
+    micro-batches per step under a recipe that says 1 would make every "step" of the loop (the
+    budget, the schedule, the checkpoints) a 32nd of an optimizer step. So ``auto`` or a missing
+    value takes the recipe's ``optim.grad_accum`` / ``optim.grad_clip``, and a different number is
+    a :class:`ConfigError` before anything is loaded. Works on the parsed plugin (``DeepSpeedPlugin()``
+    reads what ``accelerate launch`` put in the environment); DeepSpeed itself is not needed.
+    """
+    ds = plugin.deepspeed_config  # the dict the engine is built from
+    for key, attr, recipe_key, want in (
+        ("gradient_accumulation_steps", "gradient_accumulation_steps", "optim.grad_accum", optim.grad_accum),
+        ("gradient_clipping", "gradient_clipping", "optim.grad_clip", optim.grad_clip),
+    ):
+        have = ds.get(key)
+        if have is None or have == "auto":
+            ds[key] = want
+            setattr(plugin, attr, want)
+            continue
+        try:
+            same = float(have) == float(want)
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ConfigError(
+                f"the DeepSpeed config sets {key}: {have} but the recipe has {recipe_key}: {want}; "
+                f"set {key}: auto in the accelerate config (recipes/accelerate/deepspeed-zero3.yaml does) "
+                f"so the recipe decides, or set {recipe_key}={have}"
+            )
+
+
+def make_accelerator(cfg: UptrainConfig, out: Path) -> Accelerator:
+    """The run's ``Accelerator``: one CPU process, ``torchrun``, or ``accelerate launch`` (DDP, FSDP, DeepSpeed).
+
+    Gradient accumulation is accelerate's (``accumulate``); the data order is seedable (exact
+    resume); the schedule is stepped by the loop, once per optimizer step.
+    """
+    # accelerate only goes multi-process on CPU (gloo) when told `cpu=True`: do so under torchrun /
+    # accelerate launch on a machine without a GPU, so `torchrun --nproc_per_node N` just works.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) >= 0
+    on_cpu = launched and not torch.cuda.is_available()
+    if on_cpu:
+        _refuse_sharding_on_cpu()
+    deepspeed_plugin = None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # Built here (accelerate would build the same from the environment) so that its
+        # accumulation and clipping are the recipe's before the engine exists.
+        deepspeed_plugin = DeepSpeedPlugin()
+        align_deepspeed_plugin(deepspeed_plugin, cfg.optim)
+    try:
+        return Accelerator(
+            cpu=on_cpu,
+            mixed_precision=_resolve_mixed_precision(cfg.optim.mixed_precision),
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=cfg.optim.grad_accum, sync_with_dataloader=False
+            ),
+            # The schedule is defined in optimizer steps; we step it once per optimizer step ourselves.
+            step_scheduler_with_optimizer=False,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+            deepspeed_plugin=deepspeed_plugin,
+            log_with=_trackers(cfg) or None,
+            project_config=ProjectConfiguration(
+                project_dir=str(out),
+                logging_dir=str(out / "logs"),
+                save_on_each_node=cfg.checkpoint.save_on_each_node,
+            ),
+        )
+    except ImportError as e:  # e.g. a DeepSpeed config without deepspeed installed
+        raise ConfigError(f"the accelerate config needs a package that is missing: {one_line(e)}") from None
+
+
+def mp_is_bf16(accelerator: Accelerator) -> bool:
+    """Whether the run computes in bfloat16 (then the teacher is loaded in bf16 to save memory)."""
+    return str(accelerator.mixed_precision) == "bf16"
+
+
+# --------------------------------------------------------------------------------------------------
+# The run folder
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def claim_run_folder(cfg: UptrainConfig, accelerator: Accelerator, out: Path) -> Iterator[Path | None]:
+    """Hold ``out`` for the run (its lock) and yield the checkpoint to resume from, or ``None``.
+
+    On the main process: the Hub push target is checked first (a bad repo id or no token fails in
+    seconds, not after hours of training, and before ``output.overwrite`` clears a previous run),
+    then the lock is taken, a previous run refused, cleared or resumed (:func:`prepare_output`) and
+    the resolved recipe written. Every process gets the outcome; the lock is released on exit.
+    """
+    with contextlib.ExitStack() as lock:
+        with all_ranks(accelerator, f"preparing the output folder {out}") as phase:
+            if accelerator.is_main_process:
+                if cfg.output.push_to_hub:
+                    from ..hub.publish import check_push_target
+
+                    check_push_target(cfg.output.push_to_hub, cfg.output.hub_revision)
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                    lock.enter_context(run_lock(out))
+                except OSError as e:
+                    if isinstance(e, GQAError):  # already a one-line error (e.g. a full disk)
+                        raise
+                    raise ConfigError(
+                        f"recipe key output.dir: cannot use {out} as the run folder "
+                        f"({e.strerror or one_line(e)}); choose another output.dir"
+                    ) from None
+                ckpt = prepare_output(cfg, out)
+                atomic_write_text(out / "recipe.yaml", dump_recipe(cfg))
+                phase.share = str(ckpt) if ckpt else None
+        yield Path(phase.shared[0]) if phase.shared[0] else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Data, models, optimizer
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_data(cfg: UptrainConfig, out: Path) -> tuple[Any, PackedData]:
+    """Tokenizer and tokenized blocks. The blocks are cached in the run folder unless
+    ``data.cache_dir`` says otherwise, so --resume (and --overwrite) reuse them."""
+    from transformers import AutoTokenizer
+
+    data_cfg = cfg.data if cfg.data.cache_dir else dataclasses.replace(cfg.data, cache_dir=str(out / "cache"))
+    check_model_path(cfg.model.path, "model.path")
+    trust = trust_remote_code(cfg.model.path, cfg.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.model.path, revision=cfg.model.revision, trust_remote_code=trust
+    )
+    return tokenizer, prepare_data(data_cfg, tokenizer, max_eval_blocks=cfg.eval.max_blocks)
+
+
+def _load_student(cfg: UptrainConfig) -> tuple[torch.nn.Module, int]:
+    """The model to train, in float32 (the master weights), with freeze.mode applied; and how many weights train."""
+    model = load_model(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code, torch.float32,
+                       cfg.model.attn_implementation, "model.path")  # fmt: skip
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    select_trainable(model, cfg.freeze.mode)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "training %s of %s parameters (freeze.mode=%s)", f"{n_trainable:,}", f"{n_total:,}", cfg.freeze.mode
+    )
+    return model, n_trainable
+
+
+def _load_teacher(cfg: UptrainConfig, accelerator: Accelerator, student: torch.nn.Module) -> torch.nn.Module:
+    """The frozen teacher on this process's device (bf16 when the run computes in bf16)."""
+    dtype = torch.bfloat16 if mp_is_bf16(accelerator) else torch.float32
+    teacher = load_model(
+        cfg.distill.teacher, None, None, dtype, cfg.model.attn_implementation, "distill.teacher"
+    )
+    teacher.eval().requires_grad_(False)
+    t_vocab = teacher.get_output_embeddings().weight.shape[0]
+    s_vocab = student.get_output_embeddings().weight.shape[0]
+    if t_vocab != s_vocab:
+        raise ConfigError(
+            f"recipe key distill.teacher: teacher vocabulary ({t_vocab}) differs from the student's ({s_vocab}); "
+            "give the original checkpoint this model was converted from"
+        )
+    # The teacher takes no optimizer and no gradient sync: it is replicated on each device.
+    return teacher.to(accelerator.device)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (ndim >= 2), not biases and norm scales, as GPT-style recipes do."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_multiplier(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:
+    """Learning-rate factor at optimizer step ``step`` (0-based): linear warmup, then cosine or constant."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _optimizer_and_schedule(
+    cfg: UptrainConfig, accelerator: Accelerator, model: torch.nn.Module, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the trainable parameters and the warmup + cosine / constant schedule (per optimizer step)."""
+    fused = cfg.optim.fused
+    if fused is None:
+        fused = accelerator.device.type in ("cuda", "cpu") and accelerator.distributed_type.value not in (
+            "DEEPSPEED",
+        )
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        fused=fused,
+    )
+    s = cfg.schedule
+    warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_fraction * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total_steps, warmup, s.kind, s.min_lr_ratio)
+    )
+    return optimizer, scheduler
+
+
+def _loaders(cfg: UptrainConfig, data: PackedData) -> tuple[DataLoader, DataLoader | None]:
+    """Training loader (shuffled when the blocks are a map-style dataset) and held-out loader."""
+    train_ds = data.train.with_format("torch", columns=["input_ids"])
+    train = DataLoader(
+        train_ds, batch_size=cfg.optim.batch_size, shuffle=data.num_train_blocks is not None, drop_last=True
+    )
+    if data.eval is None:
+        return train, None
+    held_out = DataLoader(
+        data.eval.with_format("torch", columns=["input_ids"]),
+        batch_size=cfg.eval.batch_size or cfg.optim.batch_size,
+    )
+    return train, held_out
+
+
+def _flat_hparams(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested recipe -> flat scalars (what trackers such as TensorBoard's hparams accept)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_hparams(v, f"{prefix}{k}."))
+        elif isinstance(v, bool | int | float | str):
+            out[f"{prefix}{k}"] = v
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# setup()
+# --------------------------------------------------------------------------------------------------
+
+
+def setup(
+    cfg: UptrainConfig, accelerator: Accelerator, out: Path, resume_from: Path | None
+) -> tuple[Run, TrainState]:
+    """Everything one session trains with, and where it starts (step 0, or ``resume_from``'s state)."""
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+
+    # Tokenized once, on the main process first, then read from the cache by the others:
+    # accelerate's main_process_first, with each half's outcome shared (no process left at a barrier).
+    with all_ranks(accelerator, "tokenizing the data"):
+        if main:
+            tokenizer, data = _load_data(cfg, out)
+    with all_ranks(accelerator, "reading the tokenized data"):
+        if not main:
+            tokenizer, data = _load_data(cfg, out)
+
+    # Float32 master weights (autocast gives bf16 compute on GPU). Everything up to prepare() is local
+    # to each process: one failing stops all.
+    with all_ranks(accelerator, "loading the model"):
+        # Read before loading: the float32 load rewrites model.config.dtype. The final model is saved
+        # in this dtype (bf16 in, bf16 out), whatever the training precision.
+        save_dtype = checkpoint_dtype(cfg.model.path, cfg.model.revision)
+        model, n_trainable = _load_student(cfg)
+        teacher = _load_teacher(cfg, accelerator, model) if cfg.distill.teacher else None
+        total_steps = cfg.total_steps(accelerator.num_processes)
+        optimizer, scheduler = _optimizer_and_schedule(cfg, accelerator, model, total_steps)
+        train_loader, eval_loader = _loaders(cfg, data)
+
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    if data.num_train_blocks is not None and len(train_loader) == 0:
+        raise GQAError(
+            f"training data has {data.num_train_blocks} blocks, fewer than one batch of "
+            f"{cfg.optim.batch_size * accelerator.num_processes}; add data or lower optim.batch_size / data.block_size"
+        )
+    run = Run(cfg=cfg, accelerator=accelerator, out=out, tokenizer=tokenizer, data=data, model=model, teacher=teacher,
+              optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, eval_loader=eval_loader,
+              total_steps=total_steps, save_dtype=save_dtype, trainable_parameters=n_trainable,
+              trackers=_trackers(cfg))  # fmt: skip
+
+    state = TrainState()
+    if resume_from is not None:
+        resume(run, state, resume_from)
+    if run.trackers:
+        with all_ranks(accelerator, "starting the trackers"):
+            accelerator.init_trackers("uptrain", config=_flat_hparams(cfg.to_dict()))
+    if main and data.num_train_blocks is not None:
+        # Micro-batches per epoch over micro-batches per step (not whole steps per epoch: with
+        # accumulation a step can straddle two epochs).
+        epochs = total_steps * cfg.optim.grad_accum / max(1, len(train_loader))
+        logger.info(
+            "%d train blocks, %d held-out; %d steps of %d tokens (%.2f epochs), %d process(es), mixed precision %s",
+            data.num_train_blocks, len(data.eval) if data.eval is not None else 0, total_steps,
+            run.tokens_per_step, epochs, run.world, accelerator.mixed_precision,
+        )  # fmt: skip
+    return run, state
