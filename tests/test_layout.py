@@ -24,17 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "gqa_uptrain"
 ROOT = REPO / PACKAGE
 
-# Modules at the package's top level and the stage they belong to. The merging files are top-level
-# today and move into merging/ (merging.py becoming merging/methods.py): both layouts map to the
-# same stage, so the rules below hold before and after the move.
+# Modules at the package's top level: the core, importable from every stage.
 TOP_LEVEL = {
     "errors": "core",
     "_version": "core",
     "_moved": "core",
-    "merging": "merging",
-    "aligned": "merging",
-    "grouping": "merging",
-    "calibration": "merging",
 }
 CORE = "core"  # errors and the version: importable from everywhere
 
