@@ -379,7 +379,7 @@ def test_model_that_does_not_load(tmp_path):
         evaluate(tmp_path / "missing")
 
 
-def test_one_path_or_repo_id_check(tmp_path):
+def test_one_path_or_repo_id_check(tmp_path, monkeypatch):
     from gqa_uptrain.io.locate import check_model_path
 
     (tmp_path / "empty").mkdir()
@@ -390,10 +390,17 @@ def test_one_path_or_repo_id_check(tmp_path):
         check_model_path(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="model.path .*weights.bin is a file"):
         check_model_path(tmp_path / "weights.bin", "model.path")
-    for missing in (tmp_path / "missing", "./owner/name", "a/b/c", "~/x", "bare-name"):
+    for missing in (tmp_path / "missing", "./owner/name", "./gpt2", "a/b/c", "~/x", "-gpt2"):
         with pytest.raises(CheckpointError, match="does not exist; give a checkpoint folder or a Hub id"):
             check_model_path(missing)
-    check_model_path("owner/name")  # a Hub id: only fetching it tells whether it exists
+    # Hub ids: only fetching them tells whether they exist. One-word names are the legacy canonical
+    # repos (gpt2, t5-small), still what many users type.
+    for hub_id in ("owner/name", "gpt2", "bert-base-uncased", "t5-small"):
+        check_model_path(hub_id)
+    # A local path wins over a Hub id of the same name.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="empty is not a checkpoint folder"):
+        check_model_path("empty")
     (tmp_path / "empty" / "config.json").write_text("{}")
     check_model_path(tmp_path / "empty")
 

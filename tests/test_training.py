@@ -734,7 +734,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("fail_rank", "fail_at", "phase"),
-    [(0, "prepare_output", "preparing the output folder"), (1, "load_model", "loading the model")],
+    [(0, "prepare_output", "preparing the output folder"), (1, "load_pretrained", "loading the model")],
 )
 def test_non_gqa_error_on_one_process_stops_every_process(world, tmp_path, fail_rank, fail_at, phase):
     """Two processes started on their own (as on two nodes: no launcher kills the survivor), one of

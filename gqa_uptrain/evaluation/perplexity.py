@@ -136,12 +136,12 @@ def perplexity(
         labels = x.clone()
         for row, (b, e, trg) in enumerate(group):
             labels[row, : (e - b) - trg] = -100  # overlap with the previous window: context only
-        logits = model(input_ids=x, use_cache=False).logits.float()  # (B, L, V)
-        # Position t predicts token t+1; the first token of the stream is never predicted.
-        shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))  # (B*(L-1), V)
-        shift_labels = labels[:, 1:].reshape(-1)  # (B*(L-1),)
-        nll_sum += F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum").item()
-        scored += int((shift_labels != -100).sum())
+        logits = model(input_ids=x, use_cache=False).logits  # (B, L, V)
+        # The one next-token NLL (uptraining's held-out perplexity uses it too): position t predicts
+        # token t+1, so the first token of the stream is never predicted.
+        nll, tokens = next_token_nll(logits, labels)  # (B,), (B,)
+        nll_sum += nll.double().sum().item()
+        scored += int(tokens.sum())
     mean = nll_sum / scored
     logger.info("perplexity %.3f over %d tokens (%d windows)", math.exp(mean), scored, len(wins))
     return PerplexityResult(

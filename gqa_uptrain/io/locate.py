@@ -8,6 +8,7 @@ heavy is imported.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
@@ -24,10 +25,27 @@ def looks_like_repo_id(s: str) -> bool:
     )
 
 
+# A legacy canonical Hub model (gpt2, bert-base-uncased, t5-small, distilgpt2): one name, no owner.
+# The Hub's name characters; the first is alphanumeric, so ".", "..", "~x" and "-flag" are not names.
+_ONE_WORD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def looks_like_model_id(s: str) -> bool:
+    """What ``from_pretrained`` can fetch from the Hub: ``owner/name``, or a legacy one-word name.
+
+    Wider than :func:`looks_like_repo_id` because loading (gqa-eval, the uptraining's ``model.path``
+    and ``distill.teacher``) must still take ``gpt2`` or ``t5-small``, canonical repos that predate
+    owners. Anything with a path part (``./x``, ``/abs``, ``~/x``, ``a/b/c``) is not an id.
+    """
+    return looks_like_repo_id(s) or _ONE_WORD_NAME.fullmatch(s) is not None
+
+
 def is_hub_id(path: str | os.PathLike) -> bool:
     """True when ``path`` names a Hub repo rather than something on this machine.
 
-    A local path wins: ``owner/name`` that exists here is the local folder.
+    A local path wins: ``owner/name`` that exists here is the local folder. Strict ``owner/name``
+    (as the conversion's sources and the cards' metadata are): :func:`check_model_path` is the
+    check that also takes one-word model names.
     """
     return looks_like_repo_id(str(path)) and not Path(path).expanduser().exists()
 
@@ -35,8 +53,9 @@ def is_hub_id(path: str | os.PathLike) -> bool:
 def check_model_path(path: str | os.PathLike, what: str = "model") -> None:
     """Refuse, with a one-line :class:`CheckpointError`, what is neither a checkpoint folder nor a Hub id.
 
-    A folder must hold a ``config.json``; anything else must look like a Hub repo id (``owner/name``),
-    whose existence is only known once it is fetched. ``what`` names the argument in the message
+    A folder must hold a ``config.json``; anything else must look like a Hub model id
+    (:func:`looks_like_model_id`: ``owner/name``, or a legacy one-word name such as ``gpt2``), whose
+    existence is only known once it is fetched. A local path always wins over an id of the same name. ``what`` names the argument in the message
     (``"model"``, ``"recipe key model.path"``, ...).
     """
     text = str(path)
@@ -51,7 +70,7 @@ def check_model_path(path: str | os.PathLike, what: str = "model") -> None:
         raise CheckpointError(
             f"{what} {text} is a file; give the checkpoint's folder or a Hub id (owner/name)"
         )
-    elif not looks_like_repo_id(text):
+    elif not looks_like_model_id(text):
         raise CheckpointError(
             f"{what} {text} does not exist; give a checkpoint folder or a Hub id (owner/name)"
         )

@@ -174,7 +174,8 @@ def load_pretrained(
     (:func:`trust_remote_code_for`), the config is loaded, then the model, then the tokenizer.
 
     Args:
-        path: checkpoint folder (``config.json`` + weights) or Hub id ``owner/name``.
+        path: checkpoint folder (``config.json`` + weights) or Hub id: ``owner/name``, or a legacy
+            one-word name such as ``gpt2`` (:func:`~gqa_uptrain.io.locate.looks_like_model_id`).
         what: how error messages name ``path``: ``"model"``, ``"model.path"``, ``"distill.teacher"``.
         task: ``"causal-lm"`` (``AutoModelForCausalLM``), ``"seq2seq-lm"``
             (``AutoModelForSeq2SeqLM``), or ``"auto"``: seq2seq when the config is encoder-decoder.

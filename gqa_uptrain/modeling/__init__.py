@@ -10,8 +10,10 @@ The modelling files import only torch and transformers (and their sibling ``gqa_
 relative import), so the converter copies them into a converted checkpoint together with an ``auto_map``
 and ``AutoModel*.from_pretrained(folder, trust_remote_code=True)`` loads it where only transformers is
 installed. :func:`register_auto_classes` registers the same classes with the Auto classes, so no remote
-code is needed where this package is installed; ``import gqa_uptrain`` arranges for it to run as soon
-as transformers' Auto classes are imported (see ``gqa_uptrain/__init__.py``).
+code is needed where this package is installed. Nothing registers them on import: call
+``gqa_uptrain.register_auto_classes()`` once before loading; our own entry points (``gqa-eval``,
+``gqa-uptrain``, calibration, ``gqa-export``'s checks) do it themselves, the loading ones through
+:mod:`gqa_uptrain.io.models` (see ``gqa_uptrain/__init__.py``).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import yaml
 
 from ..data.config import DataConfig
 from ..errors import ConfigError
+from ..io.locate import check_repo_id  # light: the standard library until a repo id is checked
 
 
 @dataclass
@@ -368,9 +369,7 @@ def _check_hub(out: OutputConfig) -> None:
                     f"set output.push_to_hub=OWNER/NAME or drop output.{key}"
                 )
         return
-    from ..hub.publish import check_repo_id  # huggingface_hub: imported only when a push is asked for
-
-    check_repo_id(out.push_to_hub, "recipe key output.push_to_hub:")
+    check_repo_id(out.push_to_hub, "recipe key output.push_to_hub:")  # imports huggingface_hub only now
     if out.hub_revision is not None and not out.hub_revision.strip():
         raise ConfigError("recipe key output.hub_revision: empty; give a branch name or null for main")
 

@@ -212,7 +212,7 @@ def _card_markdown(cfg: UptrainConfig, r: UptrainResult, accelerator: Accelerato
 
 def _write_card(cfg: UptrainConfig, folder: Path, r: UptrainResult, accelerator: Accelerator) -> None:
     from ..hub.card import update_card
-    from ..io.checkpoint import looks_like_repo_id
+    from ..io.locate import is_hub_id
 
     if not (folder / "README.md").exists():
         # No card from the converter (a checkpoint from elsewhere): start a short one, not the
@@ -222,7 +222,7 @@ def _write_card(cfg: UptrainConfig, folder: Path, r: UptrainResult, accelerator:
             folder / "README.md", f"---\nlibrary_name: transformers\ntags:\n- gqa\n---\n\n# {title}\n"
         )
     sources = [cfg.data.source] if isinstance(cfg.data.source, str) else cfg.data.source
-    hub_datasets = [s for s in sources if looks_like_repo_id(s) and not Path(s).exists()]
+    hub_datasets = [s for s in sources if is_hub_id(s)]
     update_card(
         folder,
         "uptraining",

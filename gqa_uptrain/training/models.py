@@ -1,4 +1,9 @@
-"""The models of a run: loading student and teacher, the checkpoint's dtype, which parameters train."""
+"""The models of a run: the checkpoint's dtype and which parameters train.
+
+Student and teacher load through the one loader of our entry points
+(:func:`gqa_uptrain.io.models.load_pretrained`, see :mod:`.setup`), which checks the path and
+decides ``trust_remote_code`` as gqa-eval does.
+"""
 
 from __future__ import annotations
 
@@ -11,56 +16,9 @@ from typing import Any
 import torch
 
 from ..architectures.trainable import attention_parameter_kinds, trained_by
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-
-def check_model_path(path: str, what: str) -> None:
-    """Refuse a ``path`` (recipe key ``what``) that is neither a checkpoint folder nor a Hub id."""
-    from ..io.checkpoint import looks_like_repo_id
-
-    p = Path(path).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise CheckpointError(
-                f"{what} {path} is not a checkpoint folder (no config.json); give the folder gqa-convert wrote or a Hub id"
-            )
-    elif p.exists() or not looks_like_repo_id(path):
-        raise CheckpointError(f"{what} {path} not found; give a checkpoint folder or a Hub id (owner/name)")
-
-
-def trust_remote_code(path: str, setting: bool | None) -> bool:
-    """Explicit setting, else yes exactly when the local folder's config.json has an ``auto_map``
-    (the non-native families gqa-convert ships modelling code for)."""
-    if setting is not None:
-        return setting
-    cfg = Path(path).expanduser() / "config.json"
-    if cfg.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            return "auto_map" in json.loads(cfg.read_text())
-    return False
-
-
-def load_model(
-    path: str, revision: str | None, trust: bool | None, dtype: torch.dtype, attn: str | None, what: str
-) -> Any:
-    """``AutoModelForCausalLM`` from ``path`` in ``dtype``; a :class:`CheckpointError` naming recipe key ``what``."""
-    from transformers import AutoModelForCausalLM
-
-    check_model_path(path, what)
-    kwargs: dict[str, Any] = {
-        "dtype": dtype,
-        "revision": revision,
-        "trust_remote_code": trust_remote_code(path, trust),
-    }
-    if attn:
-        kwargs["attn_implementation"] = attn
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        reason = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"could not load {what} {path}: {reason}") from e
 
 
 _SAFETENSORS_DTYPES = {

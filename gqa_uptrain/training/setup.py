@@ -30,11 +30,12 @@ from torch.utils.data import DataLoader
 
 from ..data.text import PackedData, prepare_data
 from ..errors import ConfigError, GQAError
+from ..io.models import load_pretrained, load_tokenizer
 from ..io.outputs import atomic_write_text
 from .checkpointing import prepare_output, resume, run_lock
 from .config import OptimConfig, UptrainConfig, dump_recipe
 from .distributed import all_ranks, one_line
-from .models import check_model_path, checkpoint_dtype, load_model, select_trainable, trust_remote_code
+from .models import checkpoint_dtype, select_trainable
 from .state import Run, TrainState
 
 logger = logging.getLogger(__name__)
@@ -197,21 +198,32 @@ def claim_run_folder(cfg: UptrainConfig, accelerator: Accelerator, out: Path) ->
 def _load_data(cfg: UptrainConfig, out: Path) -> tuple[Any, PackedData]:
     """Tokenizer and tokenized blocks. The blocks are cached in the run folder unless
     ``data.cache_dir`` says otherwise, so --resume (and --overwrite) reuse them."""
-    from transformers import AutoTokenizer
-
     data_cfg = cfg.data if cfg.data.cache_dir else dataclasses.replace(cfg.data, cache_dir=str(out / "cache"))
-    check_model_path(cfg.model.path, "model.path")
-    trust = trust_remote_code(cfg.model.path, cfg.model.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(
-        cfg.model.path, revision=cfg.model.revision, trust_remote_code=trust
+    # The shared loader checks model.path first (the one path-or-Hub-id check), so a bad path is
+    # reported here, before any data is read.
+    tokenizer = load_tokenizer(
+        cfg.model.path,
+        what="model.path",
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
     return tokenizer, prepare_data(data_cfg, tokenizer, max_eval_blocks=cfg.eval.max_blocks)
 
 
 def _load_student(cfg: UptrainConfig) -> tuple[torch.nn.Module, int]:
     """The model to train, in float32 (the master weights), with freeze.mode applied; and how many weights train."""
-    model = load_model(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code, torch.float32,
-                       cfg.model.attn_implementation, "model.path")  # fmt: skip
+    model = load_pretrained(
+        cfg.model.path,
+        what="model.path",
+        task="causal-lm",
+        dtype=torch.float32,
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+        with_tokenizer=False,  # _load_data has loaded it already (and there a missing one is an error)
+    ).model
+    # load_pretrained returns models in eval mode (what gqa-eval measures); this one trains.
+    model.train()
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -227,10 +239,17 @@ def _load_student(cfg: UptrainConfig) -> tuple[torch.nn.Module, int]:
 def _load_teacher(cfg: UptrainConfig, accelerator: Accelerator, student: torch.nn.Module) -> torch.nn.Module:
     """The frozen teacher on this process's device (bf16 when the run computes in bf16)."""
     dtype = torch.bfloat16 if mp_is_bf16(accelerator) else torch.float32
-    teacher = load_model(
-        cfg.distill.teacher, None, None, dtype, cfg.model.attn_implementation, "distill.teacher"
-    )
-    teacher.eval().requires_grad_(False)
+    # The teacher's trust_remote_code follows the one rule (its own folder's auto_map), not the
+    # student's setting: they are different checkpoints. Its revision is the default branch.
+    teacher = load_pretrained(
+        cfg.distill.teacher,
+        what="distill.teacher",
+        task="causal-lm",
+        dtype=dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        with_tokenizer=False,
+    ).model
+    teacher.eval().requires_grad_(False)  # no dropout in the targets, no gradients kept
     t_vocab = teacher.get_output_embeddings().weight.shape[0]
     s_vocab = student.get_output_embeddings().weight.shape[0]
     if t_vocab != s_vocab:
