@@ -63,8 +63,8 @@ def _owner_prefix(path: Path, kind: str) -> str:
     return f".{path.name}.{kind}-{os.getpid()}@{_host_tag()}-"
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host (mirrors ``training._pid_alive``)."""
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (temporary folders and the uptraining's run lock)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -154,7 +154,7 @@ def clean_stale_siblings(path: str | os.PathLike, *, remove: bool = True) -> lis
             continue
         pid = int(m["pid"]) if m["pid"] else None
         if m["kind"] == "old":
-            if pid is None or m["host"] != host or not _pid_alive(pid):
+            if pid is None or m["host"] != host or not pid_alive(pid):
                 logger.warning(
                     "%s holds a previous %s moved aside by an interrupted --overwrite; "
                     "rename it back to %s or delete it",
@@ -178,7 +178,7 @@ def clean_stale_siblings(path: str | os.PathLike, *, remove: bool = True) -> lis
                 pid,
                 m["host"],
             )
-        elif _pid_alive(pid):
+        elif pid_alive(pid):
             logger.info("%s is being written by running process %d; left alone", p, pid)
         elif not remove:
             logger.warning("%s was left by an interrupted run (pid %d); a real run removes it", p, pid)

@@ -22,6 +22,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from ..errors import CheckpointError, ConfigError, OutputExistsError
+from ..io.outputs import pid_alive
 from .config import UptrainConfig
 from .distributed import all_ranks, one_line
 from .state import Run, TrainState
@@ -29,16 +30,6 @@ from .state import Run, TrainState
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 @contextlib.contextmanager
@@ -60,7 +51,7 @@ def run_lock(out: Path) -> Iterator[None]:
             except (OSError, ValueError):
                 holder = {}
             pid, host = holder.get("pid"), holder.get("host")
-            if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+            if host == me["host"] and isinstance(pid, int) and not pid_alive(pid):
                 logger.warning("removing stale lock of dead run (pid %s) in %s", pid, out)
                 lock.unlink(missing_ok=True)
                 continue
