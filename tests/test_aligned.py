@@ -383,3 +383,57 @@ def test_prepare_keeps_only_fitted_maps_and_merges_bit_for_bit(make_model, token
                     assert torch.equal(got[s][role], t), (name, s, role)
     finally:
         src.close()
+
+
+@pytest.mark.parametrize(
+    ("config", "want"),
+    [
+        ({"model_type": "llama"}, 16),
+        ({"model_type": "phi", "partial_rotary_factor": 0.5}, 8),
+        ({"model_type": "gpt_neox", "rope_parameters": {"partial_rotary_factor": 0.25}}, 4),
+        ({"model_type": "gpt2_gqa"}, 0),
+        ({"model_type": "opt_gqa"}, 0),
+        ({"model_type": "bert_gqa"}, 0),
+        ({"model_type": "t5_gqa"}, 0),
+    ],
+)
+def test_rotary_dims_are_a_family_fact(config, want):
+    """Which dims RoPE turns comes from the family's Architecture, our own ``*_gqa`` types included."""
+    assert rotary_dims(config, 16) == want
+
+
+def test_key_norms_are_a_family_fact():
+    """K norms are declared per family: Qwen3's shared k_norm and OLMo2's whole-projection one are
+    found among a module's tensors; Llama has none."""
+    from gqa_uptrain.architectures import get_architecture
+
+    names = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"]
+    for model_type, norm, want in [("qwen3", True, True), ("olmo2", True, True), ("llama", False, False)]:
+        extra = ["model.layers.0.self_attn.k_norm.weight"] if norm else []
+        (mt,) = get_architecture({"model_type": model_type}).attention_modules(names + extra).values()
+        assert mt.has_key_norm is want
+        assert ("k_norm.weight" in mt.tensors) is (model_type == "olmo2")  # merged with the heads
+
+
+def test_reconverting_a_custom_checkpoint_with_aligned_needs_no_registration(tmp_path):
+    """Calibration builds the original skeleton through the Auto classes: a ``gpt2_gqa`` source
+    converts again with ``aligned`` in a fresh process that never registered our classes."""
+    import subprocess
+    import sys
+
+    from test_modeling import FAMILY_SPECS, VOCAB
+
+    fam = FAMILY_SPECS["gpt2"]
+    torch.manual_seed(0)
+    fam.stock_cls()(fam.stock_config_obj()).save_pretrained(tmp_path / "mha")
+    convert(tmp_path / "mha", tmp_path / "gqa4", 2, "mean", progress=False)
+    script = (
+        "import torch\n"
+        "from gqa_uptrain.conversion.pipeline import convert\n"
+        "from gqa_uptrain.merging.aligned import CalibratedMerge\n"
+        f"t = torch.randint(3, {VOCAB}, (4, 16), generator=torch.Generator().manual_seed(0))\n"
+        "m = CalibratedMerge('aligned', tokens=t, progress=False)\n"
+        f"convert({str(tmp_path / 'gqa4')!r}, {str(tmp_path / 'gqa1')!r}, 1, m, progress=False)\n"
+        "assert m.fallback is None, m.fallback\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)

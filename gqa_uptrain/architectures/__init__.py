@@ -6,7 +6,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import CheckpointError
-from .base import Architecture, AttentionDims, AttentionModule, Packing, RemoteCode, heads
+from .base import (
+    NO_ROPE,
+    PARTIAL_ROPE,
+    Architecture,
+    AttentionDims,
+    AttentionModule,
+    ModuleTensors,
+    Norm,
+    Packing,
+    RemoteCode,
+    Rotary,
+    heads,
+)
 from .custom import CUSTOM
 from .native import NATIVE
 
@@ -17,8 +29,13 @@ __all__ = [
     "Architecture",
     "AttentionDims",
     "AttentionModule",
+    "ModuleTensors",
+    "NO_ROPE",
+    "Norm",
+    "PARTIAL_ROPE",
     "Packing",
     "RemoteCode",
+    "Rotary",
     "heads",
     "get_architecture",
     "supported_model_types",

@@ -15,7 +15,7 @@ group of a new K/V head ``j`` is the contiguous run of source K/V heads ``j*g ..
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -114,6 +114,76 @@ def heads(role: Role, axis: int = 0) -> Packing:
 
 
 @dataclass(frozen=True)
+class Rotary:
+    """Where RoPE applies in a family's heads: merging methods that mix dimensions within a head
+    (``aligned``) must commute with the rotation, so they need to know which dims it turns.
+
+    kind:
+      - ``none``: no rotary embedding (learned or relative positions: GPT-2, OPT, T5, BERT);
+      - ``full``: every dim of the head is rotated;
+      - ``partial``: the leading ``factor * head_dim`` dims are rotated, the factor read from the
+        first of ``factor_keys`` the config (or its ``rope_parameters``) sets, else 1.
+
+    ``layout`` is how rotated dims pair up: in ``rotate_half`` dim ``p`` pairs with ``p + R/2``.
+    """
+
+    kind: Literal["none", "full", "partial"] = "full"
+    factor_keys: tuple[str, ...] = ("partial_rotary_factor", "rotary_pct")
+    layout: Literal["rotate_half"] = "rotate_half"
+
+    def dims(self, config: Mapping[str, Any], head_dim: int) -> int:
+        """How many leading dims of each head RoPE rotates (even); 0 without RoPE."""
+        if self.kind == "none":
+            return 0
+        if self.kind == "full":
+            return head_dim - head_dim % 2
+        rope = config.get("rope_parameters")
+        rope = rope if isinstance(rope, Mapping) else {}
+        factor = next((config[k] for k in self.factor_keys if config.get(k)), None)
+        factor = factor or next((rope[k] for k in self.factor_keys if rope.get(k)), None) or 1.0
+        r = int(head_dim * float(factor))
+        return r - r % 2
+
+
+NO_ROPE = Rotary("none")
+PARTIAL_ROPE = Rotary("partial")
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A normalisation applied to one role's heads after projecting (Qwen3 / OLMo2 ``k_norm``,
+    StableLM ``qk_layernorm``): keys (or queries) are then no longer linear in the module's input.
+
+    scope:
+      - ``shared``: one ``[d]`` weight applied to every head alone (Qwen3); conversion leaves it
+        unchanged, so it is not among the module's head-carrying ``tensors``;
+      - ``heads``: a weight that follows the heads (OLMo2's whole-projection ``[Hkv*d]`` norm,
+        StableLM's per-head modules); it is in ``tensors`` too, and merged with the heads.
+    """
+
+    role: Role
+    scope: Literal["shared", "heads"]
+
+
+def _match_suffix(name: str, suffix: str, pattern: str) -> tuple[str, int | None] | None:
+    """``(module_name, head)`` if ``name`` is ``<module matching pattern>.<suffix>`` (a suffix may be
+    a per-head template with ``{i}``); None otherwise."""
+    if "{i}" in suffix:
+        tail = re.escape(suffix).replace(re.escape("{i}"), r"(\d+)")
+        m = re.search(rf"^(.*)\.{tail}$", name)
+        if m is None:
+            return None
+        module, head = m.group(1), int(m.group(2))
+    elif name.endswith("." + suffix):
+        module, head = name[: -len(suffix) - 1], None
+    else:
+        return None
+    if re.search(rf"(?:^|\.){pattern}$", module):
+        return module, head
+    return None
+
+
+@dataclass(frozen=True)
 class AttentionModule:
     """One kind of attention module in a family (e.g. decoder self-attention).
 
@@ -131,6 +201,8 @@ class AttentionModule:
     convert: bool = True
     cached: bool = True
     count: Callable[[Mapping[str, Any]], int] = lambda cfg: int(cfg["num_hidden_layers"])
+    norms: Mapping[str, Norm] = field(default_factory=dict)
+    """Normalisations of Q or K heads, by tensor suffix (see :class:`Norm`)."""
 
     def match(self, name: str) -> tuple[str, str, int | None] | None:
         """``(module_name, suffix, head)`` if ``name`` is one of this module's head-carrying tensors.
@@ -140,17 +212,44 @@ class AttentionModule:
         ``[n * d]`` tensor for merging, and ``head`` is the index parsed from ``name``.
         """
         for suffix in self.tensors:
-            if "{i}" in suffix:
-                tail = re.escape(suffix).replace(re.escape("{i}"), r"(\d+)")
-                m = re.search(rf"^(.*)\.{tail}$", name)
-                module, head = (m.group(1), int(m.group(2))) if m else (None, None)
-            elif name.endswith("." + suffix):
-                module, head = name[: -len(suffix) - 1], None
-            else:
-                continue
-            if module is not None and re.search(rf"(?:^|\.){self.pattern}$", module):
-                return module, suffix, head
+            hit = _match_suffix(name, suffix, self.pattern)
+            if hit is not None:
+                return hit[0], suffix, hit[1]
         return None
+
+    def match_norm(self, name: str) -> tuple[str, str] | None:
+        """``(module_name, suffix)`` if ``name`` is one of this module's Q/K norm tensors."""
+        for suffix in self.norms:
+            hit = _match_suffix(name, suffix, self.pattern)
+            if hit is not None:
+                return hit[0], suffix
+        return None
+
+    def tensor_kind(self, suffix: str) -> Literal["weight", "bias", "norm"]:
+        """What a head-carrying tensor is: a projection's weight or bias, or a norm's parameter."""
+        if suffix in self.norms:
+            return "norm"
+        return "bias" if suffix.endswith("bias") else "weight"
+
+
+@dataclass(frozen=True)
+class ModuleTensors:
+    """One attention module of a checkpoint: its name, its family description, its tensors.
+
+    ``tensors`` maps each head-carrying suffix present to the tensor names behind it (one name, or
+    one per head in head order for a per-head template), in the order the names were given;
+    ``norms`` maps each Q/K norm suffix present (shared ones included) to its tensor names.
+    """
+
+    name: str
+    module: AttentionModule
+    tensors: Mapping[str, tuple[str, ...]]
+    norms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def has_key_norm(self) -> bool:
+        """True when keys are normalised after projecting (so not linear in the module's input)."""
+        return any(self.module.norms[s].role == "k" for s in self.norms)
 
 
 @dataclass(frozen=True)
@@ -170,6 +269,7 @@ class Architecture:
     name: str
     model_types: tuple[str, ...]
     modules: tuple[AttentionModule, ...]
+    rotary: Rotary = Rotary("full")
     kv_heads_key: str = "num_key_value_heads"
     head_dim_key: str | None = "head_dim"  # written explicitly to the output config when set
     remote_code: RemoteCode | None = None
@@ -180,6 +280,48 @@ class Architecture:
     def native(self) -> bool:
         """True when stock transformers loads the converted checkpoint with no custom code."""
         return self.remote_code is None
+
+    def locate(self, name: str) -> tuple[AttentionModule, str, str, int | None] | None:
+        """``(module, module_name, suffix, head)`` for a head-carrying attention tensor, else None."""
+        for module in self.modules:
+            hit = module.match(name)
+            if hit:
+                return module, *hit
+        return None
+
+    def attention_modules(
+        self, names: Iterable[str], *, converted_only: bool = False
+    ) -> dict[str, ModuleTensors]:
+        """The attention modules among tensor ``names``, by module name, in order of first
+        appearance: every head-carrying tensor of each (the one place that decides which tensors
+        belong to which module, for conversion, calibration and merging alike).
+
+        ``converted_only`` leaves out modules whose K/V heads are not merged (T5's encoder).
+        """
+        found: dict[str, tuple[AttentionModule, dict[str, list[tuple[int, str]]], dict[str, list[str]]]] = {}
+        names = list(names)
+        for name in names:
+            hit = self.locate(name)
+            if hit is None or (converted_only and not hit[0].convert):
+                continue
+            module, module_name, suffix, head = hit
+            entry = found.setdefault(module_name, (module, {}, {}))
+            entry[1].setdefault(suffix, []).append((head or 0, name))
+        for name in names:  # norms, shared ones included, of the modules found
+            for module in self.modules:
+                hit = module.match_norm(name)
+                if hit and hit[0] in found and found[hit[0]][0] is module:
+                    found[hit[0]][2].setdefault(hit[1], []).append(name)
+                    break
+        return {
+            module_name: ModuleTensors(
+                module_name,
+                module,
+                {s: tuple(n for _, n in sorted(items, key=lambda x: x[0])) for s, items in tensors.items()},
+                {s: tuple(v) for s, v in norms.items()},
+            )
+            for module_name, (module, tensors, norms) in found.items()
+        }
 
     def converted_dims(self, config: Mapping[str, Any]) -> AttentionDims:
         """Head counts of the modules whose K/V heads are merged (they must agree)."""

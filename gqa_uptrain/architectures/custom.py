@@ -26,7 +26,16 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..modeling import FAMILIES, GQAFamily
-from .base import Architecture, AttentionModule, Packing, RemoteCode, heads, standard_dims
+from .base import (
+    NO_ROPE,
+    PARTIAL_ROPE,
+    Architecture,
+    AttentionModule,
+    Packing,
+    RemoteCode,
+    heads,
+    standard_dims,
+)
 
 
 def _remote(family: GQAFamily) -> RemoteCode:
@@ -58,6 +67,7 @@ def _int(key: str, default_key: str | None = None) -> Any:
 
 GPT2 = Architecture(
     name="GPT-2",
+    rotary=NO_ROPE,
     model_types=_model_types(FAMILIES["gpt2"]),
     modules=(
         AttentionModule(
@@ -79,6 +89,7 @@ GPT2 = Architecture(
 
 GPT_NEOX = Architecture(
     name="GPT-NeoX",
+    rotary=PARTIAL_ROPE,
     model_types=_model_types(FAMILIES["gpt_neox"]),
     modules=(
         AttentionModule(
@@ -99,6 +110,7 @@ GPT_NEOX = Architecture(
 
 OPT = Architecture(
     name="OPT",
+    rotary=NO_ROPE,
     model_types=_model_types(FAMILIES["opt"]),
     modules=(
         AttentionModule(
@@ -129,6 +141,7 @@ _T5_TENSORS = {
 
 T5 = Architecture(
     name="T5",
+    rotary=NO_ROPE,
     model_types=_model_types(FAMILIES["t5"]),
     modules=(
         AttentionModule(
@@ -160,6 +173,7 @@ T5 = Architecture(
 
 BERT = Architecture(
     name="BERT",
+    rotary=NO_ROPE,
     model_types=_model_types(FAMILIES["bert"]),
     modules=(
         AttentionModule(

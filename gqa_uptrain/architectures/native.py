@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .base import Architecture, AttentionModule, Packing, heads, standard_dims
+from .base import PARTIAL_ROPE, Architecture, AttentionModule, Norm, Packing, Rotary, heads, standard_dims
 
 # q/k/v/o projections as separate Linear layers, heads stacked on the output rows; o_proj's
 # input columns are the concatenated heads. Biases, where a family has them, follow their rows.
@@ -25,6 +25,8 @@ def _llama_like(
     model_types: tuple[str, ...],
     *,
     extra: Mapping[str, Packing] | None = None,
+    norms: Mapping[str, Norm] | None = None,
+    rotary: Rotary = Rotary("full"),
     out_proj: str = "o_proj",
     head_dim_key: str | None = "head_dim",
     notes: str = "",
@@ -39,11 +41,13 @@ def _llama_like(
         pattern=r"layers\.\d+\.self_attn",
         tensors=tensors,
         dims=standard_dims(head_dim_key=head_dim_key or "head_dim"),
+        norms=dict(norms or {}),
     )
     return Architecture(
         name=name,
         model_types=model_types,
         modules=(module,),
+        rotary=rotary,
         head_dim_key=head_dim_key,
         notes=notes,
         extra_checks=extra_checks,
@@ -58,6 +62,7 @@ NATIVE: tuple[Architecture, ...] = (
     _llama_like(
         "Qwen3",
         ("qwen3",),
+        norms={"q_norm.weight": Norm("q", "shared"), "k_norm.weight": Norm("k", "shared")},
         notes="q_norm/k_norm are one [head_dim] weight shared by all heads and stay unchanged",
     ),
     _llama_like("Gemma", ("gemma",)),
@@ -70,9 +75,17 @@ NATIVE: tuple[Architecture, ...] = (
         head_dim_key=None,
         # OLMo2 normalises the whole K projection: its [Hkv*d] weight changes with the heads.
         extra={"q_norm.weight": heads("q"), "k_norm.weight": heads("k")},
+        norms={"q_norm.weight": Norm("q", "heads"), "k_norm.weight": Norm("k", "heads")},
         notes="k_norm spans the whole K projection and is merged with the K heads",
     ),
-    _llama_like("Phi", ("phi",), out_proj="dense", head_dim_key=None, notes="partial rotary is unaffected"),
+    _llama_like(
+        "Phi",
+        ("phi",),
+        out_proj="dense",
+        head_dim_key=None,
+        rotary=PARTIAL_ROPE,
+        notes="partial rotary is unaffected",
+    ),
     _llama_like(
         "StableLM",
         ("stablelm",),
@@ -84,6 +97,12 @@ NATIVE: tuple[Architecture, ...] = (
             "q_layernorm.norms.{i}.bias": heads("q"),
             "k_layernorm.norms.{i}.bias": heads("k"),
         },
+        norms={
+            f"{r}_layernorm.norms.{{i}}.{p}": Norm(r, "heads")  # type: ignore[arg-type]
+            for r in ("q", "k")
+            for p in ("weight", "bias")
+        },
+        rotary=PARTIAL_ROPE,
         notes="qk_layernorm's per-head K norms are merged like the heads",
     ),
     _llama_like("Starcoder2", ("starcoder2",), head_dim_key=None),

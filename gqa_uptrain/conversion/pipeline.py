@@ -51,7 +51,7 @@ from ..io.outputs import (
 )
 from ..io.portability import make_folder_portable
 from ..io.writer import PlannedTensor, ShardedWriter, parse_size, planned_files
-from ..merging.methods import MergeContext, MergeMethod
+from ..merging.methods import MergeContext, MergeMethod, build_method
 
 logger = logging.getLogger(__name__)
 
@@ -178,34 +178,26 @@ class _Unit:
     slots: list[_Slot] = field(default_factory=list)
 
 
-def _classify(arch: Architecture, info: TensorInfo) -> tuple[AttentionModule, str, str, int | None] | None:
-    for module in arch.modules:
-        hit = module.match(info.name)
-        if hit:
-            return module, *hit
-    return None
-
-
 def _group_units(arch: Architecture, infos: list[TensorInfo]) -> list[_Unit]:
-    hits = {i.name: _classify(arch, i) for i in infos}
+    """Storage-ordered units: each attention module's head-carrying tensors together (as the family
+    describes them, :meth:`Architecture.attention_modules`), every other tensor alone."""
+    modules = arch.attention_modules(i.name for i in infos)
+    owner = {n: mt for mt in modules.values() for names in mt.tensors.values() for n in names}
+    by_name = {i.name: i for i in infos}
     units = []
-    for key, group in iter_tensor_groups(infos, lambda i: hits[i.name][1] if hits[i.name] else None):
-        first = hits[group[0].name]
-        if first is None:
+    for key, group in iter_tensor_groups(infos, lambda i: owner[i.name].name if i.name in owner else None):
+        mt = owner.get(group[0].name)
+        if mt is None:
             units.append(_Unit(group))
             continue
-        slots: dict[str, list[tuple[int, TensorInfo]]] = {}
+        # Slots in the storage order of their first tensor, per-head lists in head order.
+        first = {}
         for info in group:
-            _, _, suffix, head = hits[info.name]  # type: ignore[misc]
-            slots.setdefault(suffix, []).append((head or 0, info))
-        units.append(
-            _Unit(
-                group,
-                first[0],
-                key,
-                [_Slot(s, [i for _, i in sorted(v, key=lambda x: x[0])]) for s, v in slots.items()],
-            )
-        )
+            for suffix, names in mt.tensors.items():
+                if info.name in names:
+                    first.setdefault(suffix, None)
+        slots = [_Slot(s, [by_name[n] for n in mt.tensors[s]]) for s in first]
+        units.append(_Unit(group, mt.module, key, slots))
     return units
 
 
@@ -383,9 +375,7 @@ def convert(
         # Before the calibration (minutes) and before a byte is written: a disk too small to hold
         # the output is refused now, with the numbers, not with ENOSPC after gigabytes.
         _check_output_room(output, planned)
-        prepare = getattr(merge, "prepare", None)
-        if prepare is not None:  # methods that calibrate on the source model before streaming
-            prepare(src, num_kv_heads)
+        _declared(merge, "prepare", _no_prepare)(src, num_kv_heads)  # e.g. calibration, fitting
 
         out_config = arch.output_config(config, num_kv_heads)
         if dtype:
@@ -412,10 +402,10 @@ def convert(
             needs_trust_remote_code=planned.needs_trust_remote_code,
             command=command,
         )
-        notes = getattr(merge, "card_notes", None)
+        notes = _declared(merge, "card_notes", None)
         if notes is not None:  # methods may describe themselves in the model card
             result.extra["card_notes"] = list(notes())
-        result.extra["grouping"] = getattr(merge, "grouping", grouping)  # the card credits its source
+        result.extra["grouping"] = _declared(merge, "grouping", grouping)  # the card credits its source
 
         # The space is checked again here: the calibration may have taken minutes, and other
         # writers may have used the disk meanwhile.
@@ -475,6 +465,16 @@ def plan_conversion(
     if output is not None:
         _check_output_room(output, planned, clean=False)
     return planned
+
+
+def _no_prepare(src: Source, num_kv_heads: int) -> None:
+    """What a method without a ``prepare`` step does before streaming."""
+
+
+def _declared(merge: MergeMethod, attr: str, default: Any) -> Any:
+    """What ``merge`` declares under the :class:`MergeMethod` protocol, or ``default``: a method
+    object written before the protocol grew (one with only ``merge``) still converts."""
+    return getattr(merge, attr, default)
 
 
 def _source_dtype(src: Source, dtype: str | None) -> str | None:
@@ -581,12 +581,11 @@ def _merge_method(
         if calibration is not None or grouping != "contiguous":
             raise ConfigError(
                 "calibration= and grouping= apply to a method given by name; a MergeMethod object "
-                "carries its own (see gqa_uptrain.merging.aligned.build_method)"
+                "carries its own (see gqa_uptrain.merging.build_method)"
             )
         return method
     if calibration is None and (tokens is not None or seq_len is not None):
         raise ConfigError("calibration_tokens/calibration_seq_len were given without calibration= text")
-    from ..merging.aligned import build_method
     from ..merging.calibration import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, CalibrationSpec
 
     spec = None
@@ -663,7 +662,7 @@ def _stream(
 def _copyable_slots(unit: _Unit, merge: MergeMethod, target: torch.dtype | None) -> frozenset[str]:
     """Slots of ``unit`` that come out byte-identical: a query or output projection of its own
     (not fused with K/V) under a method that changes only K/V blocks, with the dtype kept."""
-    if not getattr(merge, "kv_only", False) or unit.module is None:
+    if not _declared(merge, "kv_only", False) or unit.module is None:
         return frozenset()
     return frozenset(
         s.suffix

@@ -8,6 +8,35 @@
 
 from __future__ import annotations
 
-from .methods import METHODS, FirstHead, MeanPooling, MergeContext, MergeMethod, RandomInit, get_method
+from . import aligned as _aligned  # noqa: F401  (registers "aligned" and similarity grouping)
+from .methods import (
+    METHODS,
+    BaseMethod,
+    FirstHead,
+    MeanPooling,
+    MergeContext,
+    MergeMethod,
+    MethodFactory,
+    MethodOptions,
+    RandomInit,
+    build_method,
+    get_method,
+    register_method,
+    register_similarity,
+)
 
-__all__ = ["METHODS", "FirstHead", "MeanPooling", "MergeContext", "MergeMethod", "RandomInit", "get_method"]
+__all__ = [
+    "METHODS",
+    "BaseMethod",
+    "FirstHead",
+    "MeanPooling",
+    "MergeContext",
+    "MergeMethod",
+    "MethodFactory",
+    "MethodOptions",
+    "RandomInit",
+    "build_method",
+    "get_method",
+    "register_method",
+    "register_similarity",
+]

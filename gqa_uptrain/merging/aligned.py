@@ -27,7 +27,8 @@ query heads for values), the shared head spans the top principal subspace of the
 The shared head's basis is chosen to match the group's mean head, so with ``G = Hkv`` every
 member's map is the identity and the model is unchanged (to float tolerance).
 
-K norms (Qwen3 ``k_norm``, OLMo2, StableLM ``qk_layernorm``) normalise keys after projecting, so
+K norms (Qwen3 ``k_norm``, OLMo2, StableLM ``qk_layernorm``; each family declares them, see
+``architectures``) normalise keys after projecting, so
 keys are no longer linear in ``x`` and no fold into Q is exact: for those, K is mean-pooled (with a
 warning) and values are still aligned.
 """
@@ -35,12 +36,13 @@ warning) and values are still aligned.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..architectures import Architecture, ModuleTensors, get_architecture
 from ..errors import ConfigError
 from .calibration import (
     CalibrationSpec,
@@ -58,10 +60,19 @@ from .grouping import (
     permute_blocks,
     query_permutation,
 )
+from .methods import (
+    BaseMethod,
+    HeadBlocks,
+    MeanPooling,
+    MergeContext,
+    MethodOptions,
+    build_method,
+    register_method,
+    register_similarity,
+)
 
 if TYPE_CHECKING:
     from ..io.checkpoint import Source
-    from .methods import HeadBlocks, MergeContext
 
 logger = logging.getLogger(__name__)
 
@@ -70,22 +81,17 @@ logger = logging.getLogger(__name__)
 # MAX_EVALS on tiny test models. A few seconds per module on 2 cores.
 POLISH_WORK = 2e10
 
-NO_ROPE_MODEL_TYPES = {"gpt2", "opt", "bert", "roberta", "t5", "mt5", "gpt_bigcode", "gpt2_gqa"}
-
 
 def rotary_dims(config: dict[str, Any], head_dim: int) -> int:
-    """How many leading dims of each head RoPE rotates (rotate_half layout); 0 without RoPE."""
-    if config.get("model_type") in NO_ROPE_MODEL_TYPES:
-        return 0
-    rope = config.get("rope_parameters") or {}
-    factor = (
-        config.get("partial_rotary_factor")
-        or config.get("rotary_pct")
-        or (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None)
-        or 1.0
-    )
-    r = int(head_dim * float(factor))
-    return r - r % 2
+    """How many leading dims of each head RoPE rotates (rotate_half layout); 0 without RoPE.
+
+    A fact of the family (:attr:`~gqa_uptrain.architectures.Architecture.rotary`), read from the
+    checkpoint's config.
+    """
+    rotary = get_architecture(config).rotary
+    if rotary.layout != "rotate_half":  # pragma: no cover - every family so far
+        raise ConfigError(f"--method aligned does not know the {rotary.layout!r} rotary layout")
+    return rotary.dims(config, head_dim)
 
 
 def _kind(suffix: str) -> str:
@@ -480,7 +486,7 @@ class _ModulePlan:
     fit: ModuleFit | None  # None: mean pooling after the permutation
 
 
-class CalibratedMerge:
+class CalibratedMerge(BaseMethod):
     """``aligned`` (or ``mean`` with similarity grouping): needs calibration before streaming.
 
     ``prepare(src, G)`` runs the calibration pass (see ``calibration.py``) and, as each layer's
@@ -521,8 +527,6 @@ class CalibratedMerge:
                     "--method aligned needs calibration text: add --calibration DATA (a text file or folder)"
                 )
             raise ConfigError("--grouping similarity needs calibration text: add --calibration DATA")
-        from ..architectures import get_architecture
-
         arch = get_architecture(src.config)
         dims = arch.converted_dims(src.config)
         self._rot = rotary_dims(src.config, dims.head_dim)
@@ -560,7 +564,7 @@ class CalibratedMerge:
             )
         self._card_notes(tokens, n_norm)
 
-    def _plan(self, mom: ModuleMoments, unit: dict, src: Source, num_heads: int) -> None:
+    def _plan(self, mom: ModuleMoments, unit: ModuleTensors, src: Source, num_heads: int) -> None:
         """Group (similarity) and fit (aligned) one module as soon as its moments exist; the moments
         are dropped when this returns."""
         perm = None
@@ -609,8 +613,6 @@ class CalibratedMerge:
     # -- while streaming -----------------------------------------------------------------------
     def merge(self, blocks: HeadBlocks, ctx: MergeContext) -> HeadBlocks:
         """Permute (similarity grouping), then fit and fold (``aligned``) or mean-pool."""
-        from .methods import MeanPooling
-
         plan = self.plans.get(ctx.module_name)
         if plan is None:
             raise ConfigError(f"{ctx.module_name} was not calibrated; run prepare() before merging")
@@ -639,50 +641,37 @@ class CalibratedMerge:
         return out
 
 
-def _module_tensors(src: Source, arch) -> dict[str, dict[str, list]]:
-    """Converted attention modules: ``{module_name: {suffix: [TensorInfo in head order]}}``."""
-    units: dict[str, dict[str, list]] = {}
-    for info in src.reader.infos():
-        for m in arch.modules:
-            hit = m.match(info.name)
-            if hit and m.convert:
-                name, suffix, head = hit
-                units.setdefault(name, {"_module": m}).setdefault(suffix, []).append((head or 0, info))
-    return units
+def _module_tensors(src: Source, arch: Architecture) -> dict[str, ModuleTensors]:
+    """Converted attention modules of ``src`` and their tensors, by module name."""
+    return arch.attention_modules((i.name for i in src.reader.infos()), converted_only=True)
 
 
-def _read_blocks(src: Source, unit: dict) -> HeadBlocks:
+def _read_blocks(src: Source, unit: ModuleTensors) -> HeadBlocks:
     """A module's head blocks read from the checkpoint (per-head templates stacked in head order)."""
-    module = unit["_module"]
-    dims = module.dims(src.config)
+    dims = unit.module.dims(src.config)
+    infos = {i.name: i for i in src.reader.infos()}
     out = {}
-    for suffix, items in unit.items():
-        if suffix == "_module":
-            continue
-        items = sorted(items, key=lambda x: x[0])
+    for suffix, names in unit.tensors.items():
         t = (
-            torch.cat([src.reader.read(i) for _, i in items])
+            torch.cat([src.reader.read(infos[n]) for n in names])
             if "{i}" in suffix
-            else src.reader.read(items[0][1])
+            else src.reader.read(infos[names[0]])
         )
-        out[suffix] = module.tensors[suffix].unpack(t, dims)
+        out[suffix] = unit.module.tensors[suffix].unpack(t, dims)
     return out
 
 
-def build_method(
-    method: str, calibration: CalibrationSpec | None, grouping: str = "contiguous", *, progress: bool = True
-) -> Any:
-    """The merge method the CLI asks for: calibrated when needed, the plain one otherwise."""
-    from .methods import get_method
+def _calibrated(name: str) -> Callable[[MethodOptions], CalibratedMerge]:
+    def build(opts: MethodOptions) -> CalibratedMerge:
+        return CalibratedMerge(name, opts.calibration, opts.grouping, progress=opts.progress)
 
-    if method == "aligned" or grouping == "similarity":
-        return CalibratedMerge(method, calibration, grouping, progress=progress)
-    if grouping not in GROUPINGS:
-        raise ConfigError(f"unknown --grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
-    if calibration is not None:
-        logger.warning("--calibration is not used by --method %s with contiguous groups", method)
-    return get_method(method)
+    return build
 
+
+# Registered here, not in methods.py, so the registry never imports this module (merging/__init__
+# imports it, so the names are there whenever the package is).
+register_method("aligned", _calibrated("aligned"))
+register_similarity("mean", _calibrated("mean"))
 
 __all__: Iterable[str] = (
     "CalibratedMerge",

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import Architecture, get_architecture
+from ..architectures import Architecture, ModuleTensors, get_architecture
 from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import Source, TensorInfo
 
@@ -60,7 +60,7 @@ class ModuleMoments:
     module_name: str  # checkpoint name of the attention module, e.g. ``model.layers.3.self_attn``
     sigma: torch.Tensor  # [n+1, n+1] float64, E[x̃ x̃ᵀ] with x̃ = [x; 1]
     num_tokens: int
-    has_qk_norm: bool  # the module normalises K (and Q) after projecting: K is not linear in x
+    has_qk_norm: bool  # the module normalises K after projecting (a family fact): K is not linear in x
 
 
 def _local_text(path: Path, max_chars: int) -> str:
@@ -235,6 +235,12 @@ def collect_moments(
 
     config = src.config
     arch: Architecture = get_architecture(config)
+    if not arch.native:
+        # The original skeleton of a family without native GQA may be one of ours (re-converting a
+        # ``*_gqa`` checkpoint): the Auto classes know it only once registered.
+        from ..modeling import register_auto_classes
+
+        register_auto_classes()
     cfg = hf_config(config)
     cfg.use_cache = False
     try:
@@ -247,6 +253,8 @@ def collect_moments(
     layers_name, layers = _find_layers(model, n_layers)
     resolve = _NameResolver(src.reader.infos())
     read = src.reader.read
+    converted = arch.attention_modules((i.name for i in src.reader.infos()), converted_only=True)
+    owner = {n: mt.name for mt in converted.values() for names in mt.tensors.values() for n in names}
 
     # Attention modules of each layer that the converter merges, by their checkpoint name.
     attn_of_layer: list[list[tuple[str, torch.nn.Module, str]]] = [[] for _ in range(len(layers))]
@@ -255,17 +263,15 @@ def collect_moments(
             continue
         for pname, _ in mod.named_parameters():
             info = resolve(f"{mname}.{pname}")
-            hits = [h for m in arch.modules if m.convert and info is not None and (h := m.match(info.name))]
+            module_name = owner.get(info.name) if info is not None else None
             # ``mod`` is the attention module itself when the parameter's path inside it is the suffix.
-            if info is not None and any(info.name == f"{h[0]}.{pname}" for h in hits):
+            if module_name is not None and info.name == f"{module_name}.{pname}":  # type: ignore[union-attr]
                 idx = int(mname[len(layers_name) + 1 :].split(".")[0])
-                if all(a[2] != hits[0][0] for a in attn_of_layer[idx]):
-                    attn_of_layer[idx].append((mname, mod, hits[0][0]))
+                if all(a[2] != module_name for a in attn_of_layer[idx]):
+                    attn_of_layer[idx].append((mname, mod, module_name))
                 break
     n_found = sum(len(a) for a in attn_of_layer)
-    n_ckpt = len(
-        {h[0] for i in src.reader.infos() for m in arch.modules if m.convert and (h := m.match(i.name))}
-    )
+    n_ckpt = len(converted)
     if n_found != n_ckpt:
         raise NotCalibratable(
             f"found {n_found} of {n_ckpt} converted attention modules in the decoder layers"
@@ -346,10 +352,7 @@ def collect_moments(
         finally:
             for h in hooks:
                 h.remove()
-        qk_norms = [
-            any(("k_norm" in nm or "k_layernorm" in nm or "key_norm" in nm) for nm, _ in mod.named_modules())
-            for _mname, mod, _ckpt in attn_of_layer[i]
-        ]
+        qk_norms = [converted[ckpt].has_key_norm for _mname, _mod, ckpt in attn_of_layer[i]]
         # Drop the layer's weights before handing on its moments: the consumer reads and fits the
         # attention weights next, so the two never sit in memory together.
         layer.to("meta")
@@ -365,20 +368,18 @@ def iter_isotropic(src: Source) -> Iterator[ModuleMoments]:
     """Data-free stand-in moments (``Σ = I``) for every converted module: used where a family
     cannot be calibrated layer by layer, so ``aligned`` still fits from the weights alone."""
     arch = get_architecture(src.config)
-    seen: dict[str, int] = {}
-    for info in src.reader.infos():
-        for m in arch.modules:
-            hit = m.match(info.name)
-            if (
-                hit
-                and m.convert
-                and m.tensors[hit[1]].roles()
-                and "weight" in hit[1]
-                and "norm" not in hit[1]
-            ):
-                p = m.tensors[hit[1]]
-                if p.kind != "heads" or p.role in ("q", "k", "v"):
-                    # the input dimension: the non-head axis of a q/k/v weight
-                    seen.setdefault(hit[0], info.shape[1 - p.axis])
-    for name, n in seen.items():
-        yield ModuleMoments(name, torch.eye(n + 1, dtype=torch.float64), 0, False)
+    infos = {i.name: i for i in src.reader.infos()}
+    for name, mt in arch.attention_modules(infos, converted_only=True).items():
+        n = _input_size(mt, infos)
+        if n is not None:
+            yield ModuleMoments(name, torch.eye(n + 1, dtype=torch.float64), 0, mt.has_key_norm)
+
+
+def _input_size(mt: ModuleTensors, infos: dict[str, TensorInfo]) -> int | None:
+    """The module's input width: the non-head axis of its first Q, K or V projection weight."""
+    for suffix, names in mt.tensors.items():
+        p = mt.module.tensors[suffix]
+        is_input_proj = p.kind != "heads" or p.role in ("q", "k", "v")
+        if is_input_proj and mt.module.tensor_kind(suffix) == "weight" and "weight" in suffix:
+            return infos[names[0]].shape[1 - p.axis]
+    return None

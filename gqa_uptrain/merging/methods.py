@@ -19,14 +19,23 @@ activations and folds each member's map into Q and O; it needs calibration text.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..architectures.base import Role
-from .aligned import CalibratedMerge
+from ..errors import ConfigError
+from .grouping import GROUPINGS
+
+if TYPE_CHECKING:
+    from ..io.checkpoint import Source
+    from .calibration import CalibrationSpec
+
+logger = logging.getLogger(__name__)
 
 HeadBlocks = dict[str, dict[Role, torch.Tensor]]  # tensor suffix -> role -> [n_heads, d, *rest]
 
@@ -41,11 +50,46 @@ class MergeContext:
 
 
 class MergeMethod(Protocol):
-    """Reduces one attention module's K/V heads to ``ctx.num_kv_heads``."""
+    """Reduces one attention module's K/V heads to ``ctx.num_kv_heads``.
+
+    What the converter needs to know about a method is declared here, so it treats every method
+    alike (:class:`BaseMethod` gives the defaults):
+
+    - ``kv_only``: only K/V blocks change, so query and output projections of their own may be
+      copied byte for byte instead of decoded and re-encoded;
+    - ``grouping``: which heads share a group (``contiguous`` or ``similarity``), credited in the card;
+    - ``prepare(src, G)``: runs once on the source before streaming (calibration, fitting);
+    - ``card_notes()``: lines the model card adds about the method (data used, fallbacks).
+    """
 
     name: str
+    kv_only: bool
+    grouping: str
+
+    def prepare(self, src: Source, num_kv_heads: int) -> None: ...
 
     def merge(self, blocks: HeadBlocks, ctx: MergeContext) -> HeadBlocks: ...
+
+    def card_notes(self) -> list[str]: ...
+
+
+class BaseMethod:
+    """Defaults of the :class:`MergeMethod` protocol: no preparation, no card notes, contiguous
+    groups, and Q/O possibly changed (a subclass that touches only K/V sets ``kv_only``)."""
+
+    name = ""
+    kv_only = False
+    grouping = "contiguous"
+
+    def prepare(self, src: Source, num_kv_heads: int) -> None:
+        """Nothing to do before streaming."""
+
+    def merge(self, blocks: HeadBlocks, ctx: MergeContext) -> HeadBlocks:
+        raise NotImplementedError
+
+    def card_notes(self) -> list[str]:
+        """No notes beyond the method's name."""
+        return []
 
 
 def _group(x: torch.Tensor, g: int) -> torch.Tensor:
@@ -59,10 +103,9 @@ def _kind(suffix: str) -> str:
     return "bias" if suffix.endswith("bias") else "weight"
 
 
-class _PerBlock:
+class _PerBlock(BaseMethod):
     """Base for methods that treat every K/V block on its own."""
 
-    name = ""
     # Only K/V blocks change: the converter may copy query and output projections byte for byte
     # (kernel-side, never decoded) instead of reading them into tensors.
     kv_only = True
@@ -119,18 +162,85 @@ class RandomInit(_PerBlock):
         return torch.randn(g, *x.shape[1:], generator=gen) * x.std()
 
 
-# ``aligned`` (aligned.py) fits merged heads on calibration data: as registered here it has none and
-# asks for it; the CLI and library callers pass a CalibratedMerge built with their data.
-METHODS: Mapping[str, MergeMethod] = {
-    m.name: m for m in (MeanPooling(), FirstHead(), RandomInit(), CalibratedMerge("aligned"))
-}
+@dataclass(frozen=True)
+class MethodOptions:
+    """What a method is built with: calibration text (for methods that fit on it), the grouping, and
+    whether long steps show progress."""
+
+    calibration: CalibrationSpec | None = None
+    grouping: str = "contiguous"
+    progress: bool = True
+
+
+# A registry entry builds a fresh method per conversion: calibrated methods keep per-run state (the
+# fitted maps), so one shared instance would carry a conversion's fits into the next.
+MethodFactory = Callable[[MethodOptions], MergeMethod]
+
+
+_REGISTRY: dict[str, MethodFactory] = {}
+# Methods that group heads by similarity need calibration: the factory for "mean" with
+# ``grouping="similarity"`` is registered by the module that calibrates (aligned.py).
+_SIMILARITY: dict[str, MethodFactory] = {}
+
+# Names -> factories, in registration order (a live read-only view: aligned.py registers "aligned"
+# when ``gqa_uptrain.merging`` is imported, so this module never imports the methods built on it).
+METHODS: Mapping[str, MethodFactory] = MappingProxyType(_REGISTRY)
+
+
+def register_method(name: str, factory: MethodFactory, *, similarity: MethodFactory | None = None) -> None:
+    """Add (or replace) method ``name``; ``similarity`` builds it for ``grouping="similarity"``
+    (a method registered without one refuses that grouping)."""
+    _REGISTRY[name] = factory
+    if similarity is not None:
+        _SIMILARITY[name] = similarity
+
+
+def register_similarity(name: str, factory: MethodFactory) -> None:
+    """Let the registered method ``name`` run with similarity grouping, built by ``factory``."""
+    _SIMILARITY[name] = factory
+
+
+def _plain(cls: type[_PerBlock]) -> MethodFactory:
+    def build(opts: MethodOptions) -> MergeMethod:
+        if opts.grouping == "contiguous":
+            return cls()
+        similarity = _SIMILARITY.get(cls.name)
+        if similarity is None:
+            raise ConfigError(f"--grouping similarity works with --method aligned or mean, not {cls.name!r}")
+        return similarity(opts)
+
+    return build
+
+
+for _cls in (MeanPooling, FirstHead, RandomInit):
+    register_method(_cls.name, _plain(_cls))
+
+
+def build_method(
+    name: str,
+    calibration: CalibrationSpec | None = None,
+    grouping: str = "contiguous",
+    *,
+    progress: bool = True,
+) -> MergeMethod:
+    """A fresh merge method ``name`` built with its options (a clear error for unknown names)."""
+    if grouping not in GROUPINGS:
+        raise ConfigError(f"unknown --grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
+    factory = METHODS.get(name)
+    if factory is None:
+        if grouping == "similarity":
+            raise ConfigError(f"--grouping similarity works with --method aligned or mean, not {name!r}")
+        raise ConfigError(f"unknown --method {name!r}; choose one of {', '.join(METHODS)}")
+    method = factory(MethodOptions(calibration, grouping, progress))
+    if calibration is not None and getattr(method, "calibration", None) is None:
+        logger.warning("--calibration is not used by --method %s with contiguous groups", name)
+    return method
 
 
 def get_method(name: str) -> MergeMethod:
-    """The merge method called ``name``; a clear error for an unknown one."""
-    from ..errors import ConfigError
+    """A fresh merge method called ``name`` with default options; a clear error for an unknown one.
 
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(f"unknown --method {name!r}; choose one of {', '.join(METHODS)}") from None
+    ``aligned`` built this way has no calibration text and asks for it when the conversion starts;
+    use :func:`build_method` to give it some.
+    """
+    return build_method(name)
