@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from ..hub.card import _fmt_bytes
+from ..io.outputs import format_bytes
 from ..merging.calibration import DEFAULT_TOKENS
 from ..merging.grouping import GROUPINGS
 from ..merging.methods import METHODS
@@ -238,8 +238,8 @@ def convert(
     table.add_row("parameters", f"{result.params_before:,}", f"{result.params_after:,}")
     table.add_row(
         f"KV cache / token ({result.dtype})",
-        _fmt_bytes(result.kv_bytes_per_token_before),
-        _fmt_bytes(result.kv_bytes_per_token_after),
+        format_bytes(result.kv_bytes_per_token_before),
+        format_bytes(result.kv_bytes_per_token_after),
     )
     console.print(table)
     console.print(
@@ -254,7 +254,7 @@ def convert(
 
 def _print_plan(plan: ConversionPlan, output: Path) -> None:
     """``--dry-run``'s report: head counts, KV cache, and the files and bytes a run would write."""
-    from ..io.outputs import format_bytes, free_bytes
+    from ..io.outputs import free_bytes
 
     table = Table(
         title=f"dry run: {plan.architecture}: {plan.num_kv_heads_before} → {plan.num_kv_heads_after} K/V heads"

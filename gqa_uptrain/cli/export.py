@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..hub.card import _fmt_bytes
+from ..io.outputs import format_bytes
 from ._common import console, main_for, make_app, run_command, setup_logging
 
 app = make_app("Publish a converted or uptrained checkpoint on the Hugging Face Hub.")
@@ -157,15 +157,15 @@ def export(
         table.add_column("file")
         table.add_column("size", justify="right")
         for f in plan.files:
-            table.add_row(f.path, _fmt_bytes(f.size))
-        table.add_row("[bold]total[/]", f"[bold]{_fmt_bytes(plan.total_bytes)}[/]")
+            table.add_row(f.path, format_bytes(f.size))
+        table.add_row("[bold]total[/]", f"[bold]{format_bytes(plan.total_bytes)}[/]")
         console.print(table)
         console.print("model card that would be written (README.md):", highlight=False)
         typer.echo(str(plan.card))
         return
     if not quiet:
         console.print(
-            f"uploaded {len(plan.files)} files ({_fmt_bytes(plan.total_bytes)}) to [bold]{plan.repo_id}[/]",
+            f"uploaded {len(plan.files)} files ({format_bytes(plan.total_bytes)}) to [bold]{plan.repo_id}[/]",
             highlight=False,
         )
     typer.echo(result.url)

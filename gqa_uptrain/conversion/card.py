@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..hub.card import _fmt_bytes, base_model_id, loading_section, scrub_paths, wrap_section
+from ..hub.card import base_model_id, loading_section, scrub_paths, wrap_section
 from ..io.locate import looks_like_repo_id
+from ..io.outputs import format_bytes
 
 if TYPE_CHECKING:
     from ..io.tensors import Source
@@ -243,8 +244,8 @@ def conversion_section(r: ConversionResult, facts: SourceFacts | None = None) ->
         f"| key/value heads | {r.num_kv_heads_before} | {r.num_kv_heads_after} |",
         f"| head dim | {r.head_dim} | {r.head_dim} |",
         f"| parameters | {r.params_before:,} | {r.params_after:,} |",
-        f"| KV cache per token ({r.dtype}) | {_fmt_bytes(r.kv_bytes_per_token_before)} | "
-        f"{_fmt_bytes(r.kv_bytes_per_token_after)} |",
+        f"| KV cache per token ({r.dtype}) | {format_bytes(r.kv_bytes_per_token_before)} | "
+        f"{format_bytes(r.kv_bytes_per_token_after)} |",
         "",
         f"The KV cache is {100 * r.kv_reduction:.1f}% smaller.",
         "",

@@ -23,19 +23,11 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..errors import CheckpointError, ConfigError
 from ..io.locate import looks_like_repo_id
+from ..io.outputs import format_bytes
 
 _SECTION = re.compile(
     r"<!-- gqa-uptrain:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /gqa-uptrain:(?P=name) -->\n?", re.S
 )
-
-
-def _fmt_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``, up to GiB: sizes in cards and in the commands' tables."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def base_model_id(source: str, config: dict[str, Any] | None = None) -> str | None:
@@ -348,7 +340,7 @@ def evaluation_section(entries: list[EvalEntry], this: EvalEntry) -> str:
         name = f"**{e.model}** (this model)" if e is this else e.model
         dataset = f"{e.dataset} ({e.split})" if e.split else e.dataset
         heads = str(e.num_kv_heads) if e.num_kv_heads is not None else "n/a"
-        kv = _fmt_bytes(e.kv_bytes_per_token) if e.kv_bytes_per_token is not None else "n/a"
+        kv = format_bytes(e.kv_bytes_per_token) if e.kv_bytes_per_token is not None else "n/a"
         tokens = f"{e.tokens_scored:,}" if e.tokens_scored is not None else "n/a"
         lines.append(f"| {name} | {heads} | {kv} | {dataset} | {e.perplexity:.3f} | {tokens} |")
     sentence = quality_sentence(entries, this)
