@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gqa_uptrain.conversion.pipeline import convert, plan_conversion
+from gqa_uptrain.conversion import convert, plan_conversion
 from gqa_uptrain.errors import DiskFullError
 from gqa_uptrain.io.checkpoint import SafetensorsReader
 from gqa_uptrain.io.writer import planned_files

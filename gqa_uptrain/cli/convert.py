@@ -18,7 +18,7 @@ from ..merging.methods import METHODS
 from ._common import console, main_for, make_app, run_command, setup_logging
 
 if TYPE_CHECKING:
-    from ..conversion.pipeline import ConversionPlan
+    from ..conversion import ConversionPlan
 
 app = make_app(
     "Convert a multi-head-attention checkpoint to grouped-query attention by merging the key/value "
@@ -174,10 +174,10 @@ def convert(
 ) -> None:
     """Convert SOURCE to grouped-query attention with --num-kv-heads K/V heads and write OUTPUT."""
     setup_logging(verbose)
-    from ..conversion.pipeline import convert as run
+    from ..conversion import convert as run
 
     if dry_run:
-        from ..conversion.pipeline import plan_conversion
+        from ..conversion import plan_conversion
 
         plan = run_command(
             lambda: plan_conversion(

@@ -4,6 +4,7 @@ heads layer by layer, write the sharded checkpoint with its support files and mo
 
 from __future__ import annotations
 
-from .pipeline import ConversionPlan, ConversionResult, convert, plan_conversion
+from .pipeline import ConversionResult, convert
+from .plan import ConversionPlan, plan_conversion
 
 __all__ = ["ConversionPlan", "ConversionResult", "convert", "plan_conversion"]
