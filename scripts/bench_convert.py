@@ -293,7 +293,8 @@ def route_command(route: str, src: Path, dst: Path, args: argparse.Namespace, re
             "--max-shard-size", args.max_shard_size, "--worker-report", str(report),
             "--calibration", str(args.calibration), "--calibration-tokens", str(args.calibration_tokens),
             "--calibration-seq-len", str(args.calibration_seq_len),
-            "--grouping-hidden", str(args.grouping_hidden)]  # fmt: skip
+            "--grouping-hidden", str(args.grouping_hidden),
+            "--grouping-threads", str(args.grouping_threads)]  # fmt: skip
 
 
 def run_child(what: str, cmd: list[str], log: Path, rusage: Path) -> int:
@@ -505,6 +506,9 @@ def grouping_worker(args: argparse.Namespace) -> None:
     from gqa_uptrain.merging.aligned import ModuleStats
     from gqa_uptrain.merging.grouping import count_partitions
 
+    # Small eigenvalue problems (the aligned cost) gain nothing from threads and, on cores other
+    # processes share, OpenMP's spinning threads make them 10-50x slower: time a fixed count.
+    torch.set_num_threads(args.grouping_threads)
     ((heads, targets),) = grouping_cases([args.worker_src])
     n = args.grouping_hidden
     d = n // heads
@@ -566,13 +570,15 @@ def measure_grouping(args: argparse.Namespace, work: Path) -> list[dict]:
     return out
 
 
-def print_grouping(rows: list[dict]) -> None:
+def print_grouping(rows: list[dict], threads: int) -> None:
     """The similarity-grouping table."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=max(110, shutil.get_terminal_size().columns), highlight=False)
-    table = Table(title="--grouping similarity on one synthetic attention layer (planted groups)")
+    table = Table(
+        title=f"--grouping similarity on one synthetic attention layer (planted groups), {threads} thread(s)"
+    )
     for col in ("cost", "heads", "width", "-> G", "partitions", "cost tables", "search", "search memory",
                 "cost vs contiguous", "process peak RSS"):  # fmt: skip
         table.add_column(col, justify="left" if col == "cost" else "right")
@@ -726,6 +732,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--grouping-hidden", type=int, default=4096, help="width of the layer similarity grouping is timed on"
     )
+    p.add_argument("--grouping-threads", type=int, default=1, help="torch threads for the grouping timing")
     # Child-process side of a route (internal).
     p.add_argument(
         "--worker", choices=("copy", "converter", "naive", "aligned", "grouping"), help=argparse.SUPPRESS
@@ -861,7 +868,7 @@ def main() -> None:
         grouping = measure_grouping(args, work) if args.method == "aligned" else []
         ok = print_report(runs, args, layers)
         if grouping:
-            print_grouping(grouping)
+            print_grouping(grouping, args.grouping_threads)
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
         if args.json:
             figures = [asdict(r) | {"mb_per_s": r.mb_per_s} for r in runs] + grouping
