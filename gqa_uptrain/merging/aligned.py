@@ -35,6 +35,9 @@ warning) and values are still aligned.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -589,6 +592,7 @@ class CalibratedMerge(BaseMethod):
             sigma = mom.sigma.copy_(mom.sigma.float())
             fit = ModuleStats.build(blocks, sigma, self._rot, mom.has_qk_norm).fit(self._g)
         self.plans[mom.module_name] = _ModulePlan(perm, fit)
+        release_free_memory()
 
     def _card_notes(self, tokens: torch.Tensor, n_norm: int) -> None:
         data = self.calibration.data if self.calibration else "pre-tokenized tokens"
@@ -625,8 +629,13 @@ class CalibratedMerge(BaseMethod):
             raise ConfigError(
                 f"{ctx.module_name} was calibrated for {plan.fit.num_groups} K/V heads, not {ctx.num_kv_heads}"
             )
-        stats = ModuleStats.build(blocks, None, self._rot, plan.fit.key_mean)
-        new = stats.apply(plan.fit)
+        out = self._apply(blocks, ctx, plan.fit)
+        release_free_memory()  # the float64 working copies are gone by now
+        return out
+
+    def _apply(self, blocks: HeadBlocks, ctx: MergeContext, fit: ModuleFit) -> HeadBlocks:
+        stats = ModuleStats.build(blocks, None, self._rot, fit.key_mean)
+        new = stats.apply(fit)
         out = {s: dict(p) for s, p in blocks.items()}
         _write(out, "q", new["q"])
         ws = _find(out, "o", "weight")
@@ -639,6 +648,27 @@ class CalibratedMerge(BaseMethod):
                     x = parts["k"]
                     parts["k"] = x.reshape(ctx.num_kv_heads, -1, *x.shape[1:]).float().mean(1).to(x.dtype)
         return out
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Each module's fit allocates and frees about 1 GB of float64 working tensors at Llama-2-7B
+    width. glibc serves blocks under its mmap threshold (which it raises up to 32 MB as large
+    blocks are freed) from the heap, where the small fitted maps kept between modules pin freed
+    pages, so without this the peak RSS crept up with depth (+55 MB per layer measured, against
+    the 8 MB of maps each layer really keeps) and sat 0.3-0.5 GB higher.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _module_tensors(src: Source, arch: Architecture) -> dict[str, ModuleTensors]:
