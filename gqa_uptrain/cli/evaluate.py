@@ -20,6 +20,7 @@ app = make_app(
 
 DType = Enum("DType", {n: n for n in ("auto", "float32", "bfloat16", "float16")}, type=str)  # type: ignore[misc]
 SampleBy = Enum("SampleBy", {n: n for n in ("document", "paragraph", "line")}, type=str)  # type: ignore[misc]
+RoundTrip = Enum("RoundTrip", {n: n for n in ("bf16", "q8_0")}, type=str)  # type: ignore[misc]
 
 _MODELS = "Models"
 _DATA = "Data (perplexity; the same options as uptraining)"
@@ -146,6 +147,16 @@ def evaluate(
     ppl_batch_size: Annotated[
         int, typer.Option(help="Perplexity windows per forward pass.", rich_help_panel=_PPL)
     ] = 1,
+    round_trip: Annotated[
+        list[RoundTrip] | None,
+        typer.Option(
+            help="Also measure perplexity after rounding the weights as a deployment file stores them: bf16, or "
+            "q8_0 (llama.cpp's block-wise int8). Linear and embedding weights are rounded, then restored; repeat "
+            "for both. Shown next to the perplexity of the weights as loaded, with the largest attention weight.",
+            rich_help_panel=_PPL,
+            show_default=False,
+        ),
+    ] = None,
     context: Annotated[
         str,
         typer.Option(
@@ -221,6 +232,7 @@ def evaluate(
             max_length=max_length,
             stride=stride,
             ppl_batch_size=ppl_batch_size,
+            round_trips=tuple(dict.fromkeys(RoundTrip(f).value for f in round_trip or ())),
             max_eval_tokens=max_eval_tokens,
             held_out=held_out,
             device=device,

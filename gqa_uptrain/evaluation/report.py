@@ -45,6 +45,17 @@ def _rows(m: ModelEval) -> dict[str, str]:
         rows["perplexity"] = (
             f"{p.perplexity:.3f} ({p.tokens_scored} tokens, window {p.max_length}/{p.stride})"
         )
+    for r in m.round_trips:
+        left = f"; {len(r.left_as_they_are)} weights left as they are" if r.left_as_they_are else ""
+        rows[f"perplexity after {r.fmt} round trip"] = (
+            f"{r.perplexity.perplexity:.3f} ({100 * (r.relative_to_unrounded - 1):+.2f}% vs {m.dtype} weights; "
+            f"{r.tensors_rounded} weights rounded{left})"
+        )
+    if m.weights is not None:
+        attn, lin = m.weights.get("attention_max_abs"), m.weights.get("linear_max_abs")
+        rows["max |weight|: attention / all linear"] = " / ".join(
+            "n/a" if v is None else f"{v:.4g}" for v in (attn, lin)
+        )
     for s in m.speed:
         key = f"ctx {s.context} x batch {s.batch}"
         rows[f"first token @ {key}"] = f"{1000 * s.time_to_first_token_s:.1f} ms"
@@ -59,6 +70,13 @@ def _ratio(key: str, m: ModelEval, b: ModelEval) -> str:
         return f"{m.layout.bytes_per_token / b.layout.bytes_per_token:.3f}x"
     if key == "perplexity" and m.perplexity and b.perplexity:
         return f"{m.perplexity.perplexity / b.perplexity.perplexity:.3f}x"
+    for rm in m.round_trips:
+        rb = next((r for r in b.round_trips if r.fmt == rm.fmt), None)
+        if rb is not None and key == f"perplexity after {rm.fmt} round trip":
+            return f"{rm.perplexity.perplexity / rb.perplexity.perplexity:.3f}x"
+    if key.startswith("max |weight|") and m.weights and b.weights:
+        a, ab = m.weights.get("attention_max_abs"), b.weights.get("attention_max_abs")
+        return f"{a / ab:.2f}x (attention)" if a is not None and ab else ""
     for sm, sb in zip(m.speed, b.speed, strict=False):
         k = f"ctx {sm.context} x batch {sm.batch}"
         if key == f"decode @ {k}":

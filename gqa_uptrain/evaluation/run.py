@@ -16,6 +16,7 @@ from ..errors import ConfigError, GQAError
 from .kv_cache import KVCacheCheck, KVLayout, kv_layout, measure_cache
 from .loading import LoadedModel, load_model, max_positions
 from .perplexity import PerplexityResult, perplexity, tokenize_documents
+from .precision import FORMATS, rounded, weight_stats
 from .speed import SpeedResult, measure_speed
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class EvalOptions:
     """Do not time generation (KV-cache sizes and perplexity only)."""
     seed: int = 0
     """Seed of the random prompts of the cache and speed runs."""
+    round_trips: Sequence[str] = ()
+    """Also measure perplexity after rounding the weights through these deployment formats
+    (``bf16``, ``q8_0``: :mod:`gqa_uptrain.evaluation.precision`), restoring them after each."""
     trust_remote_code: bool | None = None
     """Run the modelling code a checkpoint ships; None: yes for a local folder that ships it, no for a
     Hub repo (:func:`gqa_uptrain.io.models.trust_remote_code_for`)."""
@@ -75,6 +79,30 @@ class EvalOptions:
             raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
         if self.max_eval_tokens is not None and self.max_eval_tokens < 2:
             raise ConfigError(f"--max-eval-tokens must be at least 2, got {self.max_eval_tokens}")
+        unknown = [f for f in self.round_trips if f not in FORMATS]
+        if unknown:
+            raise ConfigError(f"--round-trip takes {' or '.join(FORMATS)}, got {', '.join(unknown)}")
+
+
+@dataclass
+class RoundTripEval:
+    """Perplexity of a model after one deployment-precision round trip of its weights."""
+
+    fmt: str
+    perplexity: PerplexityResult
+    relative_to_unrounded: float  # perplexity after / perplexity with the weights as loaded
+    tensors_rounded: int
+    left_as_they_are: dict[str, str]  # weight name -> why (rows not a multiple of the Q8_0 block)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly view."""
+        return {
+            "format": self.fmt,
+            "perplexity": self.perplexity.to_dict(),
+            "relative_to_unrounded": self.relative_to_unrounded,
+            "tensors_rounded": self.tensors_rounded,
+            "left_as_they_are": self.left_as_they_are,
+        }
 
 
 @dataclass
@@ -90,6 +118,8 @@ class ModelEval:
     kv_checks: list[KVCacheCheck] = field(default_factory=list)
     perplexity: PerplexityResult | None = None
     speed: list[SpeedResult] = field(default_factory=list)
+    round_trips: list[RoundTripEval] = field(default_factory=list)
+    weights: dict[str, Any] | None = None  # precision.weight_stats, measured with --round-trip
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view."""
@@ -106,6 +136,8 @@ class ModelEval:
             },
             "perplexity": self.perplexity.to_dict() if self.perplexity else None,
             "speed": [s.to_dict() for s in self.speed],
+            "round_trips": [r.to_dict() for r in self.round_trips],
+            "weights": self.weights,
         }
 
 
@@ -144,6 +176,12 @@ def relative(model: ModelEval, base: ModelEval) -> dict[str, Any]:
     rel: dict[str, Any] = {"kv_bytes_per_token": model.layout.bytes_per_token / base.layout.bytes_per_token}
     if model.perplexity and base.perplexity:
         rel["perplexity"] = model.perplexity.perplexity / base.perplexity.perplexity
+    base_rt = {r.fmt: r for r in base.round_trips}
+    rel["round_trip_perplexity"] = {
+        r.fmt: r.perplexity.perplexity / base_rt[r.fmt].perplexity.perplexity
+        for r in model.round_trips
+        if r.fmt in base_rt
+    }
     base_speed = {(s.context, s.batch): s for s in base.speed}
     rel["decode_tokens_per_s"] = [
         {
@@ -225,6 +263,28 @@ def evaluate_model(
         result.perplexity = perplexity(
             model, token_ids, max_length, opts.stride, batch_size=opts.ppl_batch_size, progress=opts.progress
         )
+        for fmt in opts.round_trips:
+            # Rounded for this measurement only: the speed runs below see the weights as loaded.
+            with rounded(model, fmt) as report:
+                ppl = perplexity(
+                    model,
+                    token_ids,
+                    max_length,
+                    opts.stride,
+                    batch_size=opts.ppl_batch_size,
+                    progress=opts.progress,
+                )
+            result.round_trips.append(
+                RoundTripEval(
+                    fmt,
+                    ppl,
+                    ppl.perplexity / result.perplexity.perplexity,
+                    len(report.rounded),
+                    dict(report.skipped),
+                )
+            )
+        if opts.round_trips:
+            result.weights = weight_stats(model)
     if not opts.skip_speed:
         for context in opts.contexts:
             for batch in opts.batch_sizes:
@@ -255,6 +315,8 @@ def evaluate(
     """
     opts = options or EvalOptions()
     opts.validate()
+    if opts.round_trips and data is None:
+        raise ConfigError("--round-trip measures perplexity after rounding the weights: add --data")
     docs = _documents(data, opts.held_out) if data is not None else None
 
     loaded = [
