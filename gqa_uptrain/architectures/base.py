@@ -253,6 +253,33 @@ class ModuleTensors:
 
 
 @dataclass(frozen=True)
+class FusedParam:
+    """A model parameter that transformers assembles at load time from checkpoint tensors stored
+    under other names (transformers 5 fuses Mixtral's experts; 4.x keeps the checkpoint's layout,
+    so its names match and this is never consulted). Calibration runs the original model one layer
+    at a time and loads each parameter itself, so it needs the same recipe.
+
+    ``param`` is the end of the model's parameter name after its parent module's path (e.g.
+    ``mlp.experts.gate_up_proj`` under ``model.layers.3.``). Each of ``sources`` is a checkpoint
+    tensor name under that same parent; one with ``{i}`` stands for a numbered list of modules
+    (``experts.{i}.w1.weight``): its tensors ``i = 0, 1, ...`` are stacked along a new first axis.
+    The sources, stacked or not, are then concatenated along ``cat_axis``. One source without
+    ``{i}`` is a plain rename.
+    """
+
+    param: str
+    sources: tuple[str, ...]
+    cat_axis: int = 0
+
+    def parent(self, name: str) -> str | None:
+        """The parent path of model parameter ``name`` (with its trailing dot) if this recipe builds
+        it, else None."""
+        if name == self.param:
+            return ""
+        return name[: -len(self.param)] if name.endswith("." + self.param) else None
+
+
+@dataclass(frozen=True)
 class RemoteCode:
     """Modelling code shipped inside a converted checkpoint (families without native GQA)."""
 
@@ -275,6 +302,8 @@ class Architecture:
     remote_code: RemoteCode | None = None
     notes: str = ""
     extra_checks: tuple[Callable[[Mapping[str, Any]], None], ...] = field(default_factory=tuple)
+    fused_params: tuple[FusedParam, ...] = ()
+    """Model parameters transformers renames or fuses at load time (see :class:`FusedParam`)."""
 
     @property
     def native(self) -> bool:

@@ -4,8 +4,19 @@ with stock transformers and no custom code. Each entry is data; see ``base.py`` 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
-from .base import PARTIAL_ROPE, Architecture, AttentionModule, Norm, Packing, Rotary, heads, standard_dims
+from .base import (
+    PARTIAL_ROPE,
+    Architecture,
+    AttentionModule,
+    FusedParam,
+    Norm,
+    Packing,
+    Rotary,
+    heads,
+    standard_dims,
+)
 
 # q/k/v/o projections as separate Linear layers, heads stacked on the output rows; o_proj's
 # input columns are the concatenated heads. Biases, where a family has them, follow their rows.
@@ -54,10 +65,23 @@ def _llama_like(
     )
 
 
+# Mixtral's sparse MLP as transformers 5 builds it from the checkpoint's ``block_sparse_moe``: the
+# router renamed, and per expert ``w1`` (gate) / ``w3`` (up) stacked into ``gate_up_proj``
+# ``[E, 2I, n]`` (gate rows first) and ``w2`` into ``down_proj`` ``[E, n, I]``.
+MIXTRAL_MOE = (
+    FusedParam("mlp.gate.weight", ("block_sparse_moe.gate.weight",)),
+    FusedParam(
+        "mlp.experts.gate_up_proj",
+        ("block_sparse_moe.experts.{i}.w1.weight", "block_sparse_moe.experts.{i}.w3.weight"),
+        cat_axis=1,
+    ),
+    FusedParam("mlp.experts.down_proj", ("block_sparse_moe.experts.{i}.w2.weight",)),
+)
+
 NATIVE: tuple[Architecture, ...] = (
     _llama_like("Llama", ("llama",)),
     _llama_like("Mistral", ("mistral",)),
-    _llama_like("Mixtral", ("mixtral",)),
+    replace(_llama_like("Mixtral", ("mixtral",)), fused_params=MIXTRAL_MOE),
     _llama_like("Qwen2", ("qwen2",), head_dim_key=None, notes="biases on q/k/v are merged with their heads"),
     _llama_like(
         "Qwen3",
