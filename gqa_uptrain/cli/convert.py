@@ -108,6 +108,33 @@ def convert(
             rich_help_panel=CAL,
         ),
     ] = "contiguous",  # type: ignore[assignment]
+    refine: Annotated[
+        bool | None,
+        typer.Option(
+            "--refine/--no-refine",
+            help="Layer-wise refinement after the closed-form fit: each merged attention layer in turn is "
+            "trained (Adam, --refine-steps at most, stopping early when it stops improving) to reproduce the "
+            "original layer's output on the --calibration text, its inputs taken from the layers already "
+            "converted. It recovers most of what merging loses before any uptraining "
+            "(results/merging.md) and never makes a layer worse than the fit it starts from; the output is "
+            "the same plain GQA checkpoint. Default: on whenever the method is calibrated "
+            "(--calibration with aligned, or --grouping similarity). Memory: one decoder layer plus about "
+            "3 × calibration tokens × hidden size × 4 bytes. Families that cannot run layer by layer (T5) "
+            "are fitted from the weights alone and not refined.",
+            rich_help_panel=CAL,
+            show_default=False,
+        ),
+    ] = None,
+    refine_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Refinement budget: most Adam steps per attention layer (each on a batch of calibration "
+            "sequences). More steps, more time, a little closer to the original. Implies --refine.",
+            rich_help_panel=CAL,
+            min=0,
+            show_default=False,
+        ),
+    ] = None,
     dtype: Annotated[
         DType | None,
         typer.Option(
@@ -198,6 +225,13 @@ def convert(
     command = "gqa-convert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     # With calibration data, aligned is the better method (results/merging.md): make it the default.
     method_name = method.value if method else ("aligned" if calibration else "mean")
+    if refine is False and refine_steps:
+        raise typer.BadParameter(
+            "--refine-steps needs refinement; drop --no-refine", param_hint="--refine-steps"
+        )
+    refine_arg: bool | int | None = (
+        refine_steps if refine_steps is not None and refine is not False else refine
+    )
     if push_to_hub:  # no token or a bad repo id: fail before the conversion, not after it
         from ..hub.publish import check_push_target, push_folder
 
@@ -211,6 +245,7 @@ def convert(
             calibration=calibration,
             calibration_tokens=calibration_tokens if calibration else None,
             grouping=grouping.value,
+            refine=refine_arg,
             revision=revision,
             gguf_file=gguf_file,
             allow_pickle=allow_pickle,

@@ -33,6 +33,7 @@ from ..io.outputs import (
 )
 from ..io.writer import parse_size
 from ..merging.methods import MergeMethod, build_method
+from ..merging.refine import RefineSpec
 from .plan import _check_output_room, _plan, _source_dtype, _target_dtype
 from .stream import _declared, _stream, _write_support_files
 
@@ -86,6 +87,7 @@ def convert(
     calibration_tokens: int | None = None,
     calibration_seq_len: int | None = None,
     grouping: str = "contiguous",
+    refine: bool | int | RefineSpec | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
     gguf_file: str | None = None,
@@ -111,6 +113,11 @@ def convert(
         calibration_seq_len: length of the calibration blocks [default: 512, capped by the model].
         grouping: ``contiguous`` (heads ``i*H/G .. (i+1)*H/G - 1`` share a K/V head, the paper's
             rule) or ``similarity`` (equal-size groups of heads that merge best on ``calibration``).
+        refine: layer-wise refinement of a calibrated method (each merged attention module
+            trained to reproduce the original's output on ``calibration``, see
+            :mod:`gqa_uptrain.merging.refine`): None or True for the default budget whenever the
+            method is calibrated, False for the closed-form fit only, an int for a budget of that
+            many steps per module, or a :class:`~gqa_uptrain.merging.refine.RefineSpec`.
         revision, token: Hub revision and token (None: ``HF_TOKEN`` or the login cache).
         gguf_file: which GGUF file in the source folder, when it holds several.
         allow_pickle: accept ``pytorch_model*.bin`` weights (loaded with ``weights_only=True``).
@@ -131,7 +138,9 @@ def convert(
             output is removed). Nothing at ``output`` changes unless the conversion completes.
     """
     t0 = time.perf_counter()
-    merge = _merge_method(method, calibration, calibration_tokens, calibration_seq_len, grouping, progress)
+    merge = _merge_method(
+        method, calibration, calibration_tokens, calibration_seq_len, grouping, progress, refine
+    )
     target_dtype = _target_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     check_output_dir(output, overwrite)
@@ -197,6 +206,20 @@ def convert(
     return result
 
 
+def refine_spec(refine: bool | int | RefineSpec) -> RefineSpec | None:
+    """``refine=`` as :func:`convert` takes it, as a spec: False -> None, True -> the default
+    budget, an int -> that many steps per module (0 is the same as False)."""
+    if isinstance(refine, RefineSpec):
+        return refine
+    if isinstance(refine, bool):
+        return RefineSpec() if refine else None
+    if isinstance(refine, int):
+        if refine < 0:
+            raise ConfigError(f"--refine-steps must be >= 0, got {refine}")
+        return RefineSpec(steps=refine) if refine else None
+    raise ConfigError(f"refine= takes a bool, a number of steps or a RefineSpec, not {type(refine).__name__}")
+
+
 def _no_prepare(src: Source, num_kv_heads: int) -> None:
     """What a method without a ``prepare`` step does before streaming."""
 
@@ -208,12 +231,13 @@ def _merge_method(
     seq_len: int | None,
     grouping: str,
     progress: bool,
+    refine: bool | int | RefineSpec | None = None,
 ) -> MergeMethod:
     """The method object :func:`convert` runs: a name resolved (calibrated when it needs to be)."""
     if not isinstance(method, str):
-        if calibration is not None or grouping != "contiguous":
+        if calibration is not None or grouping != "contiguous" or refine not in (None, False):
             raise ConfigError(
-                "calibration= and grouping= apply to a method given by name; a MergeMethod object "
+                "calibration=, grouping= and refine= apply to a method given by name; a MergeMethod object "
                 "carries its own (see gqa_uptrain.merging.build_method)"
             )
         return method
@@ -224,4 +248,7 @@ def _merge_method(
     spec = None
     if calibration is not None:
         spec = CalibrationSpec(str(calibration), tokens or DEFAULT_TOKENS, seq_len or DEFAULT_SEQ_LEN)
-    return build_method(method, spec, grouping, progress=progress)
+    calibrated = method == "aligned" or grouping == "similarity"
+    if refine is None:  # the default: refine whatever is calibrated
+        refine = calibrated and spec is not None
+    return build_method(method, spec, grouping, progress=progress, refine=refine_spec(refine))

@@ -24,8 +24,16 @@ Keys, non-rotary dimensions (partial rotary, no RoPE), and values: a general lin
 query heads for values), the shared head spans the top principal subspace of the stacked
 ``L_m · head_m`` and each member's map ``A_m`` is folded into Q (``A_mᵀ q``) or O (``O_i A_m``).
 
-The shared head's basis is chosen to match the group's mean head, so with ``G = Hkv`` every
-member's map is the identity and the model is unchanged (to float tolerance).
+The shared head's basis (a gauge: ``k → T k``, ``q_m → T⁻ᵀ q_m``; ``v → T v``, ``O_i → O_i T⁻¹``; for
+rotary pairs only a complex scalar per pair) does not change what the model computes, only how
+large the written weights are. Each group's basis is balanced: the shared head's weights and the
+average member's folded Q rows / O columns get equal Gram matrices (the minimum of their summed
+squared norms, where weight decay leaves a trained model), and the rotation left free (a phase per
+rotary pair) is the orthogonal Procrustes fit of the shared head to the group's mean head. No
+direction is then blown up on one side to make up for a small one on the other, so the weights stay
+in the original's range and survive rounding (bf16, 8-bit quantization) as the original does (a basis
+regressed on the mean head instead reached ``|w|`` in the thousands on SmolLM2). With ``G = Hkv``
+the maps are the identity and the model is unchanged, bit for bit.
 
 K norms (Qwen3 ``k_norm``, OLMo2, StableLM ``qk_layernorm``; each family declares them, see
 ``architectures``) normalise keys after projecting, so
@@ -73,6 +81,7 @@ from .methods import (
     register_method,
     register_similarity,
 )
+from .refine import BlockStore, ModuleReport, RefineSpec, refine_layers
 
 if TYPE_CHECKING:
     from ..io.checkpoint import Source
@@ -133,6 +142,28 @@ def _sqrtm(m: torch.Tensor, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.
     return (u * e.sqrt()) @ u.T, (u / e.sqrt()) @ u.T
 
 
+def _balance(k: torch.Tensor, r: torch.Tensor, floor: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gauge ``T`` (and ``T⁻¹``) with ``T K Tᵀ = T⁻ᵀ R T⁻¹`` (diagonal): balanced realisation.
+
+    ``K`` is the Gram of the shared head's weight rows, ``R`` that of the folded weights per unit of
+    shared head (their columns' Gram): the gauge ``head → T head``, ``fold → fold T⁻¹`` that makes
+    them equal minimises ``‖T head‖² + ‖fold T⁻¹‖²`` (the balance weight decay drives a trained
+    model to). Eigenvalues are floored at ``floor`` times the largest, so rank-deficient sides stay
+    finite.
+    """
+    ek, vk = torch.linalg.eigh(k)
+    eye = torch.eye(k.shape[0], dtype=k.dtype)
+    if not float(ek.max()) > 0:  # an all-zero head: any basis computes the same nothing
+        return eye, eye
+    ek = ek.clamp_min(floor * ek.max())
+    zk, zk_inv = (vk * ek.sqrt()) @ vk.T, (vk / ek.sqrt()) @ vk.T  # K^{1/2}, K^{-1/2}
+    s2, v = torch.linalg.eigh(zk @ r @ zk)  # eigenvalues: the balanced Grams' squares
+    if not float(s2.max()) > 0:  # nothing reads the head
+        return eye, eye
+    s = s2.clamp_min(floor * s2.max()).sqrt().sqrt()
+    return (v * s).T @ zk_inv, zk @ (v / s)
+
+
 def _rows_gram(w: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """``[..., a, n+1]`` rows -> ``[..., a, a]`` their second moments ``W Σ Wᵀ``."""
     return w @ sigma @ w.transpose(-1, -2)
@@ -148,11 +179,20 @@ class LinearFit:
     total: float
 
 
-def linear_fit(w: torch.Tensor, sigma: torch.Tensor, l_sqrt: torch.Tensor, l_inv: torch.Tensor) -> LinearFit:
+def linear_fit(
+    w: torch.Tensor,
+    sigma: torch.Tensor,
+    l_sqrt: torch.Tensor,
+    l_inv: torch.Tensor,
+    fold: torch.Tensor | None = None,
+) -> LinearFit:
     """Weighted principal-subspace fit of ``g`` members' heads ``w`` ``[g, e, n+1]``.
 
     ``l_sqrt``/``l_inv`` ``[g, e, e]``: each member's weighting square root and its inverse; the
     error ``Σ_m E‖L_m (head_m − A_m shared)‖²`` is minimised over rank-``e`` shared heads.
+    ``fold`` ``[g, e, e]``: the Gram of the weights each member's map is folded into (``Σ_i O_i O_iᵀ``
+    over its query heads for values, ``Σ_i W_qi W_qiᵀ`` for keys; identity if omitted): it sets the
+    shared head's basis (:func:`_fit_gauge`). With ``g == 1`` the maps are the identity.
     """
     g, e, _ = w.shape
     b = (l_sqrt @ w).reshape(g * e, -1)  # [g e, n+1] weighted members, stacked
@@ -161,16 +201,37 @@ def linear_fit(w: torch.Tensor, sigma: torch.Tensor, l_sqrt: torch.Tensor, l_inv
     lam, u = lam.flip(0)[:e].clamp_min(0), vec.flip(1)[:, :e]  # top-e: [e], [g e, e]
     total = float(s.trace())
     residual = max(total - float(lam.sum()), 0.0)
-    # Basis: regress the group's mean head on the components (exact identity when g == 1).
-    z_cov = lam.clamp_min(1e-12 * float(lam.max().clamp_min(1e-30)))
-    mean = w.mean(0)  # [e, n+1]
-    m = (mean @ sigma @ b.T @ u) / z_cov  # [e, e]
-    if not torch.isfinite(m).all() or torch.linalg.cond(m) > 1e8:
-        m = torch.eye(e, dtype=w.dtype)
+    if g == 1:  # the member itself: nothing to fit, the model stays as it was
+        eye = torch.eye(e, dtype=w.dtype)[None]
+        return LinearFit(eye, eye, residual, total)
     um = u.reshape(g, e, e)  # U_m: [g, e(member dims), e(components)]
-    c = m @ um.transpose(1, 2) @ l_sqrt  # C_m = M U_mᵀ L_m
-    a = l_inv @ um @ torch.linalg.inv(m)  # A_m = L_m⁻¹ U_m M⁻¹
-    return LinearFit(c, a, residual, total)
+    c0 = um.transpose(1, 2) @ l_sqrt  # C_m = U_mᵀ L_m: components of the weighted members
+    a0 = l_inv @ um  # A_m = L_m⁻¹ U_m
+    if fold is None:
+        fold = torch.eye(e, dtype=w.dtype).expand(g, e, e)
+    m, m_inv = _fit_gauge((c0 @ w).sum(0), a0, fold, w.mean(0), sigma)
+    return LinearFit(m @ c0, a0 @ m_inv, residual, total)
+
+
+def _fit_gauge(
+    shared: torch.Tensor, a: torch.Tensor, fold: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The basis ``M`` (and ``M⁻¹``) of a shared head: ``shared → M shared``, ``A_m → A_m M⁻¹``.
+
+    Any invertible ``M`` computes the same function; it only decides how large the written weights
+    are. ``M = Q T``: ``T`` balances the shared head's weights ``shared`` ``[e, n+1]`` against the
+    average member's folded weights (Gram ``(1/g) Σ_m A_mᵀ F_m A_m``; :func:`_balance`), so
+    neither side carries the other's scale and no direction of one is blown up to compensate a
+    small one in the other; ``Q`` is the rotation (orthogonal Procrustes) that brings the balanced
+    head closest to the group's ``mean`` head on the calibration data, so the shared head still
+    looks like the heads it replaces.
+    """
+    r = (a.transpose(1, 2) @ fold @ a).mean(0)
+    t, t_inv = _balance(shared @ shared.T, r)
+    cross = mean @ sigma @ (t @ shared).T  # E[mean (T shared)ᵀ]
+    pu, _, pvh = torch.linalg.svd(cross)
+    q = pu @ pvh
+    return q @ t, t_inv @ q.T
 
 
 @dataclass
@@ -271,6 +332,25 @@ class ModuleStats:
         if key not in self._cache:
             self._cache[key] = _sqrtm(sum(oi @ oi.T for oi in self.o[m * self.r : (m + 1) * self.r]))
         return self._cache[key]
+
+    def _fold_gram(self, role: str, m: int) -> torch.Tensor:
+        """``[e, e]``: Gram of the weights member ``m``'s map is folded into, over its query heads:
+        its non-rotary query rows (``role="q"``) or its output-projection columns (``"o"``)."""
+        key = ("fold", role, m)
+        if key not in self._cache:
+            heads = slice(m * self.r, (m + 1) * self.r)
+            ws = self.wq[heads, self.rot :] if role == "q" else self.o[heads]
+            self._cache[key] = (ws @ ws.transpose(1, 2)).sum(0)
+        return self._cache[key]
+
+    def _q_pair_norms(self) -> torch.Tensor:
+        """``[Hkv, P]``: squared norm of each K/V head's query rows per rotary pair (both rows of the
+        pair, its query heads summed): the weights a pair's complex scale is folded into."""
+        if "qpn" not in self._cache:
+            p = self.rot // 2
+            n = self.wq[:, :p].pow(2).sum(-1) + self.wq[:, p : 2 * p].pow(2).sum(-1)  # [H, P]
+            self._cache["qpn"] = n.view(-1, self.r, p).sum(1)
+        return self._cache["qpn"]
 
     def _weights_nonrot(self, members: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         roots = [self._nonrot_root(m) for m in members]
@@ -375,7 +455,8 @@ class ModuleStats:
         key = ("v", members)
         if key not in self._cache:
             ls, li = self._weights_v(members)
-            self._cache[key] = linear_fit(self.wv[torch.tensor(members)], self._sigma(), ls, li)
+            fold = torch.stack([self._fold_gram("o", m) for m in members])
+            self._cache[key] = linear_fit(self.wv[torch.tensor(members)], self._sigma(), ls, li, fold)
         return self._cache[key]
 
     # -- the fit itself ------------------------------------------------------------------------
@@ -391,18 +472,13 @@ class ModuleStats:
             idx = torch.tensor(members)
             pair = lin = None
             if not self.key_mean and p:
-                a_w, w = self._pair_gram(members)
-                _, vec = torch.linalg.eigh(a_w)
-                u = vec[..., -1]  # [P, g] top eigenvector per pair
-                sw = w.sqrt().to(u.dtype)
-                c, a = sw * u, u.conj() / sw  # z_s = Σ c_m z_m ; z_m ≈ a_m z_s
-                lam = (w / w.sum(1, keepdim=True)).to(a.dtype).mul(a).sum(1, keepdim=True)  # [P, 1]
-                fallback = a.abs().pow(2).mean(1, keepdim=True).sqrt().to(a.dtype)
-                lam = torch.where(lam.abs() > 1e-6 * fallback.abs(), lam, fallback)
-                pair = (c * lam, a / lam)
+                wk = self.wk[idx]
+                keys = torch.complex(wk[:, :p], wk[:, p : 2 * p])  # [g, P, n+1]
+                pair = pair_fit(*self._pair_gram(members), keys, self._q_pair_norms()[idx].T)
             if not self.key_mean and self.rot < d:
                 ls, li = self._weights_nonrot(members)
-                lin = linear_fit(self.wk[idx, self.rot :], self._sigma(), ls, li)
+                fold = torch.stack([self._fold_gram("q", m) for m in members])
+                lin = linear_fit(self.wk[idx, self.rot :], self._sigma(), ls, li, fold)
             k_pairs.append(pair)
             k_lin.append(lin)
             v.append(self._v_fit(members))
@@ -456,6 +532,37 @@ class ModuleStats:
         return self.apply(self.fit(num_groups))
 
 
+def pair_fit(
+    gram: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, q_norms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary keys of one group: per pair, complex ``c``, ``a`` ``[P, g]`` with shared key
+    ``z_s = Σ_m c_m z_m`` and member ``z_m ≈ a_m z_s`` (``conj(a_m)`` is folded into its queries).
+
+    ``gram``/``w``: the weighted pair Gram ``[P, g, g]`` and its weights (:func:`_weigh_pairs`);
+    ``keys`` ``[g, P, n+1]``: the members' key rows as complex numbers; ``q_norms`` ``[P, g]``: the
+    squared norm of each member's query rows per pair. The top eigenvector gives the best rank-1 fit;
+    its free complex scale ``λ`` per pair (``c → λ c``, ``a → a/λ``) has the modulus that balances
+    the shared key's weights against the average member's folded query weights (as
+    :func:`_fit_gauge` does for linear maps) and the phase that brings the shared key closest to the
+    group's mean key. With ``g == 1``: ``c = a = 1``.
+    """
+    p, g = w.shape
+    if g == 1:
+        return torch.ones(p, 1, dtype=gram.dtype), torch.ones(p, 1, dtype=gram.dtype)
+    _, vec = torch.linalg.eigh(gram)
+    u = vec[..., -1]  # [P, g] top eigenvector per pair
+    sw = w.sqrt().to(u.dtype)
+    c, a = sw * u, u.conj() / sw  # z_s = Σ c_m z_m ; z_m ≈ a_m z_s
+    k = torch.einsum("pm,mpn->pn", c, keys).abs().pow(2).sum(-1)  # [P] shared key's weight norm²
+    r = (a.abs().pow(2) * q_norms).mean(1)  # [P] average member's folded query norm² per unit λ
+    k, r = k.clamp_min(1e-12 * float(k.max()) + 1e-300), r.clamp_min(1e-12 * float(r.max()) + 1e-300)
+    plain = gram / (sw[:, :, None] * sw[:, None, :])  # E[conj(z_m) z_k]
+    cross = torch.einsum("pk,pkm->p", c.conj(), plain) / g  # E[conj(z_s) mean]
+    phase = torch.where(cross.abs() > 0, cross / cross.abs().clamp_min(1e-300), torch.ones_like(cross))
+    lam = ((r / k) ** 0.25).to(phase.dtype) * phase
+    return c * lam[:, None], a / lam[:, None]
+
+
 def _weigh_pairs(gram: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary pair Gram ``[P, g, g]`` weighted by ``sqrt(w)`` on both sides (``w`` ``[P, g]``
     regularised relative to the group's largest weight); returns it and ``w``."""
@@ -507,6 +614,7 @@ class CalibratedMerge(BaseMethod):
         *,
         progress: bool = True,
         tokens: torch.Tensor | None = None,
+        refine: RefineSpec | None = None,
     ):
         if grouping not in GROUPINGS:
             raise ConfigError(f"unknown --grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
@@ -517,6 +625,9 @@ class CalibratedMerge(BaseMethod):
         self.grouping = grouping
         self.progress = progress
         self.tokens = tokens  # pre-tokenized calibration data (library use), else from ``calibration``
+        self.refine = refine  # layer-wise refinement after the closed-form fit (None: closed form only)
+        self.reports: list[ModuleReport] = []
+        self._store: BlockStore | None = None
         self.plans: dict[str, _ModulePlan] = {}
         self.notes: list[str] = []
         self.fallback: str | None = None
@@ -540,9 +651,26 @@ class CalibratedMerge(BaseMethod):
         def on_module(mom: ModuleMoments) -> None:
             self._plan(mom, units[mom.module_name], src, dims.num_heads)
 
+        def planned_blocks(mom: ModuleMoments) -> HeadBlocks:
+            on_module(mom)
+            ctx = MergeContext(mom.module_name, num_kv_heads)
+            return self._merge_planned(_read_blocks(src, units[mom.module_name]), ctx)
+
         try:
-            bs = self.calibration.batch_size if self.calibration else 8
-            collect_moments(src, tokens, on_module, batch_size=bs, progress=self.progress)
+            if self.refine is not None and num_kv_heads < dims.num_kv_heads:
+                self._store = BlockStore()
+                self.reports = refine_layers(
+                    src,
+                    tokens,
+                    num_kv_heads,
+                    self.refine,
+                    plan=planned_blocks,
+                    store=self._store,
+                    progress=self.progress,
+                )
+            else:
+                bs = self.calibration.batch_size if self.calibration else 8
+                collect_moments(src, tokens, on_module, batch_size=bs, progress=self.progress)
         except NotCalibratable as e:
             self.fallback = str(e)
             logger.warning(
@@ -551,6 +679,10 @@ class CalibratedMerge(BaseMethod):
                 e,
             )
             self.plans.clear()
+            self.reports.clear()
+            if self._store is not None:
+                self._store.close()
+                self._store = None
             for mom in iter_isotropic(src):
                 self._plan(mom, units[mom.module_name], src, dims.num_heads)
         n_norm = sum(1 for p in self.plans.values() if p.fit is not None and p.fit.key_mean)
@@ -605,6 +737,18 @@ class CalibratedMerge(BaseMethod):
             )
         if n_norm and self.name == "aligned":
             notes.append(f"- Keys mean-pooled in {n_norm} modules with K norms; values aligned")
+        if self.reports:
+            kept = [r for r in self.reports if r.kept]
+            mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+            notes.append(
+                f"- **Layer-wise refinement:** {len(kept)} of {len(self.reports)} attention modules trained to "
+                f"reproduce the original's output on the calibration text (up to {self.refine.steps} Adam steps "
+                f"each, {sum(r.steps for r in self.reports):,} in all, {sum(r.seconds for r in self.reports):.0f}s); "
+                f"relative attention-output error {mean([r.error_before for r in self.reports]):.3f} after the "
+                f"closed-form fit, {mean([r.error_after for r in self.reports]):.3f} after refinement (mean over modules)"
+            )
+        elif self.refine is not None and self.fallback:
+            notes.append("- **Layer-wise refinement:** not run (the family cannot be run layer by layer)")
         moved = sum(1 for p in self.plans.values() if p.kv_perm is not None)
         if self.grouping == "similarity":
             notes.append(f"- Heads permuted into similarity groups in {moved} of {len(self.plans)} modules")
@@ -617,6 +761,12 @@ class CalibratedMerge(BaseMethod):
     # -- while streaming -----------------------------------------------------------------------
     def merge(self, blocks: HeadBlocks, ctx: MergeContext) -> HeadBlocks:
         """Permute (similarity grouping), then fit and fold (``aligned``) or mean-pool."""
+        refined = self._store.take(ctx.module_name) if self._store is not None else None
+        if refined is not None:  # trained in prepare(): already permuted, fitted and merged
+            return {s: {r: t.to(blocks[s][r].dtype) for r, t in p.items()} for s, p in refined.items()}
+        return self._merge_planned(blocks, ctx)
+
+    def _merge_planned(self, blocks: HeadBlocks, ctx: MergeContext) -> HeadBlocks:
         plan = self.plans.get(ctx.module_name)
         if plan is None:
             raise ConfigError(f"{ctx.module_name} was not calibrated; run prepare() before merging")
@@ -693,7 +843,9 @@ def _read_blocks(src: Source, unit: ModuleTensors) -> HeadBlocks:
 
 def _calibrated(name: str) -> Callable[[MethodOptions], CalibratedMerge]:
     def build(opts: MethodOptions) -> CalibratedMerge:
-        return CalibratedMerge(name, opts.calibration, opts.grouping, progress=opts.progress)
+        return CalibratedMerge(
+            name, opts.calibration, opts.grouping, progress=opts.progress, refine=opts.refine
+        )
 
     return build
 

@@ -18,6 +18,7 @@ Calibration text comes from local text files (a file or a folder, read in sorted
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import Architecture, ModuleTensors, get_architecture
+from ..architectures import ModuleTensors, get_architecture
 from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import Source, TensorInfo
 
@@ -206,12 +207,252 @@ def _load_params(
 
     for name in names:
         info = resolve(name)
-        if info is None and not strict:
+        # Not stored under its own name: transformers may build it at load time from tensors stored
+        # under others (Mixtral's experts in transformers 5), as the family's data describes.
+        value = read(info).to(torch.float32) if info is not None else _read_fused(model, name, resolve, read)
+        if value is None and not strict:
             continue  # e.g. a task head's bias: stays on meta, never runs before layer 0
-        if info is None:
-            # e.g. Mixtral in transformers 5 fuses expert weights at load time under new names
+        if value is None:
             raise NotCalibratable(f"the checkpoint has no tensor named like the model's {name}")
-        set_module_tensor_to_device(model, name, "cpu", value=read(info).to(torch.float32))
+        set_module_tensor_to_device(model, name, "cpu", value=value)
+
+
+def _read_fused(
+    model: torch.nn.Module,
+    name: str,
+    resolve: _NameResolver,
+    read: Callable[[TensorInfo], torch.Tensor],
+) -> torch.Tensor | None:
+    """Model parameter ``name`` (float32) built from the checkpoint as transformers builds it at load
+    time, by the first of the family's ``fused_params`` whose tensors the checkpoint has; None if
+    none applies. Filled in place, one source tensor at a time: no stacked or concatenated copies."""
+    try:
+        recipes = get_architecture({"model_type": model.config.model_type}).fused_params
+    except (AttributeError, CheckpointError):
+        return None
+    for fp in recipes:
+        parent = fp.parent(name)
+        groups = _fused_sources(parent, fp.sources, resolve) if parent is not None else None
+        if groups is None:
+            continue
+        stacked = ["{i}" in s for s in fp.sources]
+        shapes = [
+            (len(g), *g[0].shape) if st else tuple(g[0].shape) for g, st in zip(groups, stacked, strict=True)
+        ]
+        want = tuple(model.get_parameter(name).shape)
+        axis = fp.cat_axis % max(len(want), 1)
+        fits = all(len({tuple(i.shape) for i in g}) == 1 for g in groups)  # experts all alike
+        fits = fits and all(
+            len(s) == len(want) and s[:axis] + s[axis + 1 :] == want[:axis] + want[axis + 1 :] for s in shapes
+        )
+        if not (fits and sum(s[axis] for s in shapes) == want[axis]):
+            raise NotCalibratable(
+                f"the model's {name} {list(want)} cannot be built from the checkpoint's "
+                f"{', '.join(parent + s for s in fp.sources)} (shapes {[list(s) for s in shapes]})"
+            )
+        out = torch.empty(want, dtype=torch.float32)
+        offset = 0
+        for g, st, shape in zip(groups, stacked, shapes, strict=True):
+            part = out.narrow(axis, offset, shape[axis])
+            offset += shape[axis]
+            for i, info in enumerate(g):
+                (part.select(0, i) if st else part).copy_(read(info))
+        return out
+    return None
+
+
+def _fused_sources(
+    parent: str, sources: tuple[str, ...], resolve: _NameResolver
+) -> list[list[TensorInfo]] | None:
+    """Per source name under ``parent``, the checkpoint tensors behind it: one, or for a numbered
+    template (``experts.{i}.w1.weight``) those of ``i = 0, 1, ...`` while they exist. None if any
+    source has none."""
+    groups = []
+    for src in sources:
+        if "{i}" not in src:
+            info = resolve(parent + src)
+            found = [info] if info is not None else []
+        else:
+            found = []
+            while (info := resolve(parent + src.replace("{i}", str(len(found))))) is not None:
+                found.append(info)
+        if not found:
+            return None
+        groups.append(found)
+    return groups
+
+
+class LayerWalk:
+    """A model run one decoder layer at a time over calibration tokens, loading each layer's
+    weights from the checkpoint only while it runs.
+
+    The skeleton is built on the meta device from ``config`` (the source's by default; refinement
+    builds a second one for the converted model), only the parameters that run before the first
+    layer (embeddings) are loaded, and the inputs of layer 0 are caught for every batch:
+    ``states[b]`` ``[batch, T, hidden]`` are the hidden states and ``extras[b]`` the other arguments
+    the model passes its layers (masks, rotary tables), which stay the same for every layer.
+
+    Raises :class:`NotCalibratable` for families whose layers cannot run one at a time here
+    (no causal-LM class, converted modules outside one stack of layers, e.g. T5's cross-attention).
+    """
+
+    def __init__(
+        self, src: Source, tokens: torch.Tensor, *, batch_size: int = 8, config: dict[str, Any] | None = None
+    ):
+        self.src = src
+        self.model, self.layers_name, self.layers = _skeleton(config or src.config, src)
+        self.resolve = _NameResolver(src.reader.infos())
+        self.converted = get_architecture(src.config).attention_modules(
+            (i.name for i in src.reader.infos()), converted_only=True
+        )
+        self.attention = _attention_of_layers(
+            self.model, self.layers_name, self.layers, self.resolve, self.converted
+        )
+        self.states, self.extras = _catch_layer_inputs(self.model, self.layers[0], tokens, batch_size, self)
+
+    def load_params(
+        self, model: torch.nn.Module, names: list[str], overrides: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Load ``model``'s parameters ``names`` from the checkpoint (``overrides`` by model name first)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        overrides = overrides or {}
+        for name in names:
+            if name in overrides:
+                set_module_tensor_to_device(
+                    model, name, "cpu", value=overrides[name].detach().to(torch.float32)
+                )
+        rest = [n for n in names if n not in overrides]
+        _load_params(model, rest, self.resolve, self.src.reader.read)
+
+    def load_layer(
+        self, i: int, model: torch.nn.Module | None = None, overrides: dict[str, torch.Tensor] | None = None
+    ) -> torch.nn.Module:
+        """Layer ``i`` of ``model`` (this walk's skeleton by default) with its weights loaded."""
+        model = model or self.model
+        layers = self.layers if model is self.model else _find_layers(model, len(self.layers))[1]
+        layer = layers[i]
+        self.load_params(
+            model, [f"{self.layers_name}.{i}.{n}" for n, _ in layer.named_parameters()], overrides
+        )
+        return layer
+
+    def run(self, layer: torch.nn.Module, b: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``layer`` on batch ``b``'s arguments with ``hidden`` as its input: its output states."""
+        args, kwargs = self.extras[b]
+        with torch.no_grad():
+            out = layer(hidden, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": hidden})
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _skeleton(config: dict[str, Any], src: Source) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
+    """``config``'s causal LM on the meta device, and its stack of decoder layers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if not get_architecture(config).native or not get_architecture(src.config).native:
+        # The skeleton of a family without native GQA may be one of ours (re-converting a
+        # ``*_gqa`` checkpoint, or the converted model): the Auto classes know it once registered.
+        from ..modeling import register_auto_classes
+
+        register_auto_classes()
+    cfg = hf_config(config)
+    cfg.use_cache = False
+    model = None
+    # A language-model head is only there to find the embeddings and layers: encoders (BERT, ours
+    # among them) have a masked-LM class where they have no causal one.
+    for auto in (AutoModelForCausalLM, AutoModelForMaskedLM):
+        with contextlib.suppress(ValueError), init_empty_weights(include_buffers=False):
+            model = auto.from_config(cfg)
+            break
+    if model is None:
+        raise NotCalibratable(f"no causal-LM class for model_type {config.get('model_type')!r}")
+    # Calibration runs in float32 whatever the checkpoint's dtype (a config may ask for bf16):
+    # loaded values take the dtype of the meta parameter they replace.
+    model.to(torch.float32).eval()
+    n_layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+    name, layers = _find_layers(model, n_layers)
+    return model, name, layers
+
+
+def _attention_of_layers(
+    model: torch.nn.Module,
+    layers_name: str,
+    layers: torch.nn.ModuleList,
+    resolve: _NameResolver,
+    converted: dict[str, ModuleTensors],
+) -> list[list[tuple[str, torch.nn.Module, str]]]:
+    """Per layer: ``(model path, module, checkpoint name)`` of each attention module the converter merges."""
+    owner = {n: mt.name for mt in converted.values() for names in mt.tensors.values() for n in names}
+    found: list[list[tuple[str, torch.nn.Module, str]]] = [[] for _ in range(len(layers))]
+    for mname, mod in model.named_modules():
+        if not mname.startswith(layers_name + "."):
+            continue
+        for pname, _ in mod.named_parameters():
+            info = resolve(f"{mname}.{pname}")
+            module_name = owner.get(info.name) if info is not None else None
+            # ``mod`` is the attention module itself when the parameter's path inside it is the suffix.
+            if module_name is not None and info.name == f"{module_name}.{pname}":  # type: ignore[union-attr]
+                idx = int(mname[len(layers_name) + 1 :].split(".")[0])
+                if all(a[2] != module_name for a in found[idx]):
+                    found[idx].append((mname, mod, module_name))
+                break
+    n_found = sum(len(a) for a in found)
+    if n_found != len(converted):
+        raise NotCalibratable(
+            f"found {n_found} of {len(converted)} converted attention modules in the decoder layers"
+        )
+    return found
+
+
+def _catch_layer_inputs(
+    model: torch.nn.Module, first: torch.nn.Module, tokens: torch.Tensor, batch_size: int, walk: LayerWalk
+) -> tuple[list[torch.Tensor], list[tuple[tuple, dict]]]:
+    """Run the embeddings over ``tokens`` and catch what the first layer receives, per batch."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    prefix = walk.layers_name + "."
+    outer = [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
+    head = model.get_output_embeddings()
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    named = dict(model.named_parameters())
+    before = [n for n in outer if id(named[n]) not in head_params]
+    _load_params(model, before, walk.resolve, walk.src.reader.read, strict=False)
+
+    caught: list[tuple[tuple, dict]] = []
+
+    def catch(_mod, args, kwargs):
+        caught.append((args, kwargs))
+        raise _Stop
+
+    hook = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in tokens.split(batch_size):
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _Stop:
+                    pass
+                except (RuntimeError, NotImplementedError) as e:  # a parameter left on meta was needed
+                    raise NotCalibratable(f"the model's embeddings could not run ({e})") from e
+    finally:
+        hook.remove()
+    if len(caught) != len(tokens.split(batch_size)):
+        raise NotCalibratable("the model did not call its first decoder layer")
+    # The embeddings only made layer 0's inputs: drop them (0.5 GB in float32 at Llama-2-7B size).
+    for name in before:
+        set_module_tensor_to_device(model, name, "meta")
+    # Hidden states live in ``states`` only (each layer's output replaces its input), not also in
+    # the caught arguments: one copy of the calibration activations, not two.
+    states, extras = [], []
+    for args, kwargs in caught:
+        if args:
+            states.append(args[0])
+            extras.append(((None, *args[1:]), kwargs))
+        else:
+            states.append(kwargs["hidden_states"])
+            extras.append((args, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+    return states, extras
 
 
 def collect_moments(
@@ -227,141 +468,57 @@ def collect_moments(
     weights are dropped). Nothing here keeps the moments afterwards: memory stays at one layer
     as long as ``on_module`` keeps only what it derives from them.
 
-    Raises :class:`NotCalibratable` for families whose layers cannot run one at a time here
-    (no causal-LM class, converted modules outside one stack of layers, e.g. T5's cross-attention).
+    Raises :class:`NotCalibratable` where :class:`LayerWalk` cannot run the family.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    config = src.config
-    arch: Architecture = get_architecture(config)
-    if not arch.native:
-        # The original skeleton of a family without native GQA may be one of ours (re-converting a
-        # ``*_gqa`` checkpoint): the Auto classes know it only once registered.
-        from ..modeling import register_auto_classes
-
-        register_auto_classes()
-    cfg = hf_config(config)
-    cfg.use_cache = False
-    try:
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(cfg)
-    except ValueError as e:
-        raise NotCalibratable(f"no causal-LM class for model_type {config.get('model_type')!r}") from e
-    model.eval()
-    n_layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
-    layers_name, layers = _find_layers(model, n_layers)
-    resolve = _NameResolver(src.reader.infos())
-    read = src.reader.read
-    converted = arch.attention_modules((i.name for i in src.reader.infos()), converted_only=True)
-    owner = {n: mt.name for mt in converted.values() for names in mt.tensors.values() for n in names}
-
-    # Attention modules of each layer that the converter merges, by their checkpoint name.
-    attn_of_layer: list[list[tuple[str, torch.nn.Module, str]]] = [[] for _ in range(len(layers))]
-    for mname, mod in model.named_modules():
-        if not mname.startswith(layers_name + "."):
-            continue
-        for pname, _ in mod.named_parameters():
-            info = resolve(f"{mname}.{pname}")
-            module_name = owner.get(info.name) if info is not None else None
-            # ``mod`` is the attention module itself when the parameter's path inside it is the suffix.
-            if module_name is not None and info.name == f"{module_name}.{pname}":  # type: ignore[union-attr]
-                idx = int(mname[len(layers_name) + 1 :].split(".")[0])
-                if all(a[2] != module_name for a in attn_of_layer[idx]):
-                    attn_of_layer[idx].append((mname, mod, module_name))
-                break
-    n_found = sum(len(a) for a in attn_of_layer)
-    n_ckpt = len(converted)
-    if n_found != n_ckpt:
-        raise NotCalibratable(
-            f"found {n_found} of {n_ckpt} converted attention modules in the decoder layers"
-        )
-
-    layer_param_prefix = layers_name + "."
-    outer = [n for n, _ in model.named_parameters() if not n.startswith(layer_param_prefix)]
-    head = model.get_output_embeddings()
-    head_params = {id(p) for p in head.parameters()} if head is not None else set()
-    named = dict(model.named_parameters())
-    before = [n for n in outer if id(named[n]) not in head_params]
-    _load_params(model, before, resolve, read, strict=False)
-
-    # Catch the inputs of layer 0 (hidden states and whatever the model passes: masks, rotary).
-    caught: list[tuple[tuple, dict]] = []
-
-    def catch(_mod, args, kwargs):
-        caught.append((args, kwargs))
-        raise _Stop
-
-    hook = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in tokens.split(batch_size):
-                try:
-                    model(input_ids=batch, use_cache=False)
-                except _Stop:
-                    pass
-                except (RuntimeError, NotImplementedError) as e:  # a parameter left on meta was needed
-                    raise NotCalibratable(f"the model's embeddings could not run ({e})") from e
-    finally:
-        hook.remove()
-    if len(caught) != len(tokens.split(batch_size)):
-        raise NotCalibratable("the model did not call its first decoder layer")
-
-    # The embeddings only made layer 0's inputs: drop them (0.5 GB in float32 at Llama-2-7B size).
-    from accelerate.utils import set_module_tensor_to_device
-
-    for name in before:
-        set_module_tensor_to_device(model, name, "meta")
-    # Hidden states live in ``states`` only (each layer's output replaces its input), not also in
-    # ``caught``: one copy of the calibration activations, not two.
-    states = []
-    for b, (args, kwargs) in enumerate(caught):
-        if args:
-            states.append(args[0])
-            caught[b] = ((None, *args[1:]), kwargs)
-        else:
-            states.append(kwargs["hidden_states"])
-            caught[b] = (args, {k: v for k, v in kwargs.items() if k != "hidden_states"})
-    bar = tqdm(total=len(layers), desc="calibrating", unit="layer", disable=not progress)
-    for i, layer in enumerate(layers):
-        lnames = [f"{layers_name}.{i}.{n}" for n, _ in layer.named_parameters()]
-        _load_params(model, lnames, resolve, read)
-        acc: dict[str, list] = {}
-        hooks = []
-        for _mname, mod, ckpt_name in attn_of_layer[i]:
-            acc[ckpt_name] = [None, 0]
-
-            def pre(_m, args, kwargs, key=ckpt_name, acc=acc):
-                x = args[0] if args else kwargs["hidden_states"]
-                x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-                x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)  # [N, n+1]
-                s = x.T @ x
-                acc[key][0] = s if acc[key][0] is None else acc[key][0] + s
-                acc[key][1] += x.shape[0]
-
-            hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+    walk = LayerWalk(src, tokens, batch_size=batch_size)
+    bar = tqdm(total=len(walk.layers), desc="calibrating", unit="layer", disable=not progress)
+    for i in range(len(walk.layers)):
+        layer = walk.load_layer(i)
+        acc = {ckpt: MomentAccumulator() for _m, _mod, ckpt in walk.attention[i]}
+        hooks = [
+            mod.register_forward_pre_hook(acc[ckpt].hook, with_kwargs=True)
+            for _m, mod, ckpt in walk.attention[i]
+        ]
         try:
-            with torch.no_grad():
-                for b, (args, kwargs) in enumerate(caught):
-                    out = (
-                        layer(states[b], *args[1:], **kwargs)
-                        if args
-                        else layer(**{**kwargs, "hidden_states": states[b]})
-                    )
-                    states[b] = out[0] if isinstance(out, tuple) else out
+            for b in range(len(walk.states)):
+                walk.states[b] = walk.run(layer, b, walk.states[b])
         finally:
             for h in hooks:
                 h.remove()
-        qk_norms = [converted[ckpt].has_key_norm for _mname, _mod, ckpt in attn_of_layer[i]]
         # Drop the layer's weights before handing on its moments: the consumer reads and fits the
         # attention weights next, so the two never sit in memory together.
         layer.to("meta")
-        for (_mname, _mod, ckpt_name), qk_norm in zip(attn_of_layer[i], qk_norms, strict=True):
-            s, n = acc.pop(ckpt_name)  # popped: each [n+1, n+1] moment is freed once consumed
-            on_module(ModuleMoments(ckpt_name, s.div_(n), n, qk_norm))
-            del s
+        for _mname, _mod, ckpt in walk.attention[i]:
+            on_module(acc.pop(ckpt).moments(ckpt, walk.converted[ckpt].has_key_norm))
         bar.update(1)
     bar.close()
+
+
+class MomentAccumulator:
+    """Accumulates ``Σ = E[x̃ x̃ᵀ]`` of a module's input ``x̃ = [x; 1]`` (as a forward pre-hook, or
+    fed directly with :meth:`add`)."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x`` ``[..., n]``."""
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)  # [N, n+1]
+        s = x.T @ x
+        self.sum = s if self.sum is None else self.sum.add_(s)
+        self.count += x.shape[0]
+
+    def hook(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook form of :meth:`add`: the module's first input is ``x``."""
+        self.add(args[0] if args else kwargs["hidden_states"])
+
+    def moments(self, module_name: str, has_qk_norm: bool) -> ModuleMoments:
+        """The mean: ``Σ`` (the accumulator is emptied, so the big matrix is freed once consumed)."""
+        s, self.sum = self.sum, None
+        assert s is not None, f"{module_name} never ran"
+        return ModuleMoments(module_name, s.div_(self.count), self.count, has_qk_norm)
 
 
 def iter_isotropic(src: Source) -> Iterator[ModuleMoments]:

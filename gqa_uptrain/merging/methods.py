@@ -34,6 +34,7 @@ from .grouping import GROUPINGS
 if TYPE_CHECKING:
     from ..io.checkpoint import Source
     from .calibration import CalibrationSpec
+    from .refine import RefineSpec
 
 logger = logging.getLogger(__name__)
 
@@ -164,12 +165,14 @@ class RandomInit(_PerBlock):
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """What a method is built with: calibration text (for methods that fit on it), the grouping, and
-    whether long steps show progress."""
+    """What a method is built with: calibration text (for methods that fit on it), the grouping,
+    whether long steps show progress, and the layer-wise refinement budget of calibrated methods
+    (None: closed-form fit only)."""
 
     calibration: CalibrationSpec | None = None
     grouping: str = "contiguous"
     progress: bool = True
+    refine: RefineSpec | None = None
 
 
 # A registry entry builds a fresh method per conversion: calibrated methods keep per-run state (the
@@ -222,8 +225,13 @@ def build_method(
     grouping: str = "contiguous",
     *,
     progress: bool = True,
+    refine: RefineSpec | None = None,
 ) -> MergeMethod:
-    """A fresh merge method ``name`` built with its options (a clear error for unknown names)."""
+    """A fresh merge method ``name`` built with its options (a clear error for unknown names).
+
+    ``refine`` is the layer-wise refinement budget for the calibrated methods (``aligned``, and
+    ``mean`` with similarity groups); other methods refuse it.
+    """
     if grouping not in GROUPINGS:
         raise ConfigError(f"unknown --grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
     factory = METHODS.get(name)
@@ -231,7 +239,11 @@ def build_method(
         if grouping == "similarity":
             raise ConfigError(f"--grouping similarity works with --method aligned or mean, not {name!r}")
         raise ConfigError(f"unknown --method {name!r}; choose one of {', '.join(METHODS)}")
-    method = factory(MethodOptions(calibration, grouping, progress))
+    method = factory(MethodOptions(calibration, grouping, progress, refine))
+    if refine is not None and not hasattr(method, "refine"):
+        raise ConfigError(
+            f"layer-wise refinement needs a calibrated method: use --method aligned, not {name!r} (or --no-refine)"
+        )
     if calibration is not None and getattr(method, "calibration", None) is None:
         logger.warning("--calibration is not used by --method %s with contiguous groups", name)
     return method

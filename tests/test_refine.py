@@ -1,0 +1,235 @@
+"""Layer-wise refinement (``gqa_uptrain.merging.refine``): better than the closed-form fit on a
+trained model, never worse per module, identity at G = H, every family converts and loads with the
+default calibrated method, the output survives bf16 and Q8_0, and the CLI's flags."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import NATIVE_FAMILIES, tiny_config
+from transformers import AutoModelForCausalLM
+
+from gqa_uptrain.conversion.pipeline import convert
+from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.merging.aligned import CalibratedMerge
+from gqa_uptrain.merging.refine import BlockStore, RefineSpec
+
+
+def _char_ids(text: str) -> torch.Tensor:
+    return torch.tensor([min(ord(c), 127) for c in text], dtype=torch.long)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, python_docs):
+    """A small Llama MHA model (8 heads) trained inside the test on char-level Python docs, with
+    disjoint calibration (``library/``) and held-out (``tutorial/``) text."""
+    torch.manual_seed(0)
+    lib = "".join(p.read_text(errors="replace") for p in sorted((python_docs / "library").glob("a*.rst.txt")))
+    tut = "".join(p.read_text(errors="replace") for p in sorted((python_docs / "tutorial").glob("*.rst.txt")))
+    train, held = _char_ids(lib), _char_ids(tut)
+    cfg = tiny_config(
+        "llama", num_heads=8, num_kv_heads=8, hidden=64, max_position_embeddings=128, initializer_range=0.02
+    )
+    model = AutoModelForCausalLM.from_config(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    seq, bs = 64, 8
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(250):
+        starts = torch.randint(0, train.numel() - seq - 1, (bs,), generator=gen)
+        batch = torch.stack([train[s : s + seq] for s in starts])
+        model(batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    folder = tmp_path_factory.mktemp("trained") / "src"
+    model.eval().save_pretrained(folder)
+    calib = train[-32 * 64 :].view(32, 64)
+    evalx = held[: 16 * 128].view(16, 128)
+    return folder, calib, evalx
+
+
+def _ce(model: torch.nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return model(x, labels=x).loss.item()
+
+
+def _load(folder) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _refined(calib, **spec) -> CalibratedMerge:
+    return CalibratedMerge("aligned", tokens=calib, progress=False, refine=RefineSpec(**spec))
+
+
+def test_refinement_beats_the_closed_form_at_quarter_heads(trained, tmp_path):
+    """At G = H/4, refinement removes more of mean pooling's added cross-entropy than the closed-form
+    fit it starts from, and every module's reconstruction error is at most its starting error."""
+    folder, calib, evalx = trained
+    closed = CalibratedMerge("aligned", tokens=calib, progress=False)
+    refined = _refined(calib)
+    convert(folder, tmp_path / "mean", 2, "mean", progress=False)
+    convert(folder, tmp_path / "closed", 2, closed, progress=False)
+    convert(folder, tmp_path / "refined", 2, refined, progress=False)
+    base, mean = _ce(_load(folder), evalx), _ce(_load(tmp_path / "mean"), evalx)
+    ce_closed, ce_refined = _ce(_load(tmp_path / "closed"), evalx), _ce(_load(tmp_path / "refined"), evalx)
+    removed = lambda c: (mean - c) / (mean - base)  # noqa: E731
+    assert removed(ce_refined) > removed(ce_closed) + 0.05, (base, mean, ce_closed, ce_refined)
+    assert removed(ce_refined) > 0.8, (base, mean, ce_closed, ce_refined)
+    assert len(refined.reports) == 2
+    for r in refined.reports:
+        assert r.error_after <= r.error_before
+    assert any(r.kept and r.error_after < 0.5 * r.error_before for r in refined.reports), refined.reports
+
+
+def test_refinement_that_diverges_is_not_kept(trained, tmp_path):
+    """An absurd learning rate ruins training; each module keeps its closed-form weights, so the
+    output is bit for bit that of the same layer walk with no training steps."""
+    folder, calib, _ = trained
+    bad = _refined(calib, steps=5, lr=1e5, patience=100)
+    convert(folder, tmp_path / "bad", 2, bad, progress=False)
+    convert(folder, tmp_path / "closed", 2, _refined(calib, steps=0), progress=False)
+    assert [r.kept for r in bad.reports] == [False, False]
+    a = _load(tmp_path / "bad").state_dict()
+    b = _load(tmp_path / "closed").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_identity_at_full_kv_heads(make_model, tmp_path):
+    folder, model = make_model("llama")
+    calib = torch.randint(3, 128, (8, 32))
+    method = _refined(calib, steps=20)
+    convert(folder, tmp_path / "out", 4, method, progress=False)
+    assert method.reports == []  # nothing merged, nothing to refine
+    x = torch.randint(3, 128, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(_load(tmp_path / "out")(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", sorted(NATIVE_FAMILIES))
+def test_every_native_family_refines_and_loads_in_stock_transformers(make_model, tmp_path, model_type):
+    """With the default calibrated method every native family is calibrated layer by layer (no
+    weights-only fallback), refined (K-norm families included) and loads with stock transformers."""
+    extra = {"qk_layernorm": True} if model_type == "stablelm" else {}
+    folder, model = make_model(model_type, **extra)
+    calib = torch.randint(3, 128, (8, 32))
+    method = _refined(calib, steps=3)
+    convert(folder, tmp_path / "out", 2, method, progress=False)
+    assert method.fallback is None
+    assert len(method.reports) == model.config.num_hidden_layers
+    assert all(r.error_after <= r.error_before for r in method.reports)
+    out = _load(tmp_path / "out")
+    assert out.config.num_key_value_heads == 2
+    x = torch.randint(3, 128, (2, 16))
+    with torch.no_grad():
+        assert torch.isfinite(out(x).logits).all()
+
+
+def test_every_custom_family_refines_and_loads_through_our_modelling(tmp_path):
+    """Families without native GQA are refined through our modelling classes and load through it
+    (T5 cannot run layer by layer: fitted from the weights alone, not refined). With each group's
+    heads tied the merge is lossless, and refinement keeps it so."""
+    import transformers
+    from test_modeling import FAMILY_NAMES, FAMILY_SPECS, VOCAB, inputs, output, tie_kv_heads
+
+    from gqa_uptrain.modeling import register_auto_classes
+
+    register_auto_classes()
+    calib = torch.randint(3, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
+    refined = {}
+    for name in FAMILY_NAMES:
+        fam = FAMILY_SPECS[name]
+        torch.manual_seed(0)
+        model = fam.stock_cls()(fam.stock_config_obj()).eval()
+        tie_kv_heads(model, name, 2)
+        model.save_pretrained(tmp_path / name)
+        method = _refined(calib, steps=3)
+        convert(tmp_path / name, tmp_path / f"{name}-gqa", 2, method, progress=False)
+        refined[name] = bool(method.reports) and method.fallback is None
+        batch = inputs(fam)
+        converted = getattr(transformers, fam.auto_class).from_pretrained(tmp_path / f"{name}-gqa").eval()
+        torch.testing.assert_close(output(converted, batch), output(model, batch), atol=2e-4, rtol=2e-4)
+    assert refined == {n: n != "t5" for n in FAMILY_NAMES}
+
+
+def test_output_survives_bf16_and_q8_0(trained, tmp_path):
+    """The default calibrated output moves under bf16 and a Q8_0 round trip of every linear weight
+    by at most 1% of perplexity or twice what the original moves, and its largest weight stays
+    within 10x the original's."""
+    from gqa_uptrain.evaluation.precision import round_trip, weight_stats
+
+    folder, calib, evalx = trained
+    convert(folder, tmp_path / "out", 2, _refined(calib), progress=False)
+    for fmt in ("bf16", "q8_0"):
+        moves = []
+        for f in (folder, tmp_path / "out"):
+            model = _load(f)
+            before = _ce(model, evalx)
+            round_trip(model, fmt)
+            moves.append(abs(math.exp(_ce(model, evalx) - before) - 1))
+        assert moves[1] <= max(0.01, 2 * moves[0]), (fmt, moves)
+    ratio = (
+        weight_stats(_load(tmp_path / "out"))["linear_max_abs"]
+        / weight_stats(_load(folder))["linear_max_abs"]
+    )
+    assert ratio <= 10, ratio
+
+
+def test_block_store_round_trip_and_cleanup():
+    store = BlockStore()
+    blocks = {"k_proj.weight": {"k": torch.randn(2, 4, 8)}, "qkv.weight": {"q": torch.randn(4, 4, 8)}}
+    store.put("model.layers.0.self_attn", blocks)
+    assert store.take("model.layers.1.self_attn") is None
+    got = store.take("model.layers.0.self_attn")
+    assert torch.equal(got["k_proj.weight"]["k"], blocks["k_proj.weight"]["k"])
+    assert store.take("model.layers.0.self_attn") is None  # taken once
+    store.put("x", blocks)
+    folder = store.folder
+    store.close()
+    assert not folder.exists()
+
+
+def test_refine_needs_a_calibrated_method(make_model, tmp_path):
+    folder, _ = make_model("llama")
+    with pytest.raises(ConfigError, match="refinement needs a calibrated method"):
+        convert(folder, tmp_path / "out", 2, "mean", refine=True, progress=False)
+    with pytest.raises(ConfigError, match="steps must be >= 0"):
+        convert(folder, tmp_path / "out", 2, "mean", refine=-1, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refines_by_default_with_calibration(make_model, tmp_path):
+    """``--calibration`` alone gives aligned with refinement (recorded in the card); --no-refine and
+    --refine-steps together are refused with one line."""
+    from test_aligned import _word_tokenizer
+    from typer.testing import CliRunner
+
+    from gqa_uptrain.cli.convert import app
+
+    text = " ".join(f"word{i % 50} token{i % 7}" for i in range(3000))
+    folder, _ = make_model("llama")
+    _word_tokenizer(folder, text)
+    (tmp_path / "calib.txt").write_text(text)
+    common = [
+        str(folder),
+        "-g",
+        "2",
+        "--calibration",
+        str(tmp_path / "calib.txt"),
+        "--calibration-tokens",
+        "512",
+    ]
+    res = CliRunner().invoke(
+        app, [*common[:1], str(tmp_path / "out"), *common[1:], "--refine-steps", "5", "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "refinement" in card.lower()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_key_value_heads"] == 2
+    res = CliRunner().invoke(
+        app, [*common[:1], str(tmp_path / "o2"), *common[1:], "--no-refine", "--refine-steps", "5"]
+    )
+    assert res.exit_code != 0
+    assert "--refine-steps" in res.output
+    assert not (tmp_path / "o2").exists()
