@@ -64,12 +64,18 @@ class RefineSpec:
     batch_size: int = 4  # calibration sequences per step
     patience: int = 25  # window of steps: stop when a window's mean loss is not 2% below the last one's
     warmup: int = 10  # linear learning-rate warm-up steps
+    # What the converted module is trained to output: ``original``, the original module's output on
+    # the original model's own hidden states (so a layer also makes up for the error of the layers
+    # before it); ``same-input``, the original module's output on the converted prefix's states.
+    target: str = "same-input"
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"refinement steps must be >= 0, got {self.steps}")
         if self.lr <= 0 or self.batch_size <= 0:
             raise ValueError("refinement lr and batch size must be positive")
+        if self.target not in ("original", "same-input"):
+            raise ValueError(f"refinement target must be 'original' or 'same-input', not {self.target!r}")
 
 
 @dataclass
@@ -247,11 +253,15 @@ def refine_layers(
     walk = LayerWalk(src, tokens, batch_size=spec.batch_size, config=arch.output_config(src.config, hkv))
     conv_model, _, _ = _skeleton(arch.output_config(src.config, num_kv_heads), src)
     conv_modules = dict(conv_model.named_modules())
+    original = [s.clone() for s in walk.states] if spec.target == "original" else None
     reports: list[ModuleReport] = []
     bar = tqdm(total=len(walk.layers), desc="merging + refining", unit="layer", disable=not progress)
     for i in range(len(walk.layers)):
         layer = walk.load_layer(i)
-        caught = _catch_attention(walk, i, layer)
+        caught = _catch_attention(walk, i, layer, walk.states)
+        if original is not None:  # targets from the original model's own stream, which moves on
+            for ckpt, c in _catch_attention(walk, i, layer, original, full=True).items():
+                caught[ckpt].outputs = c.outputs
         layer.to("meta")
         overrides: dict[str, torch.Tensor] = {}
         starts: dict[str, HeadBlocks] = {}
@@ -297,30 +307,37 @@ def refine_layers(
     return reports
 
 
-def _catch_attention(walk: LayerWalk, i: int, layer: torch.nn.Module) -> dict[str, _Caught]:
-    """Run ``layer`` on every batch up to its last converted attention module and catch what each
-    of those modules receives and returns (the MLP after it is not run: its output is not needed)."""
+def _catch_attention(
+    walk: LayerWalk, i: int, layer: torch.nn.Module, states: list[torch.Tensor], *, full: bool = False
+) -> dict[str, _Caught]:
+    """Run ``layer`` on every batch of ``states`` and catch what each of its converted attention
+    modules receives and returns. Without ``full`` the layer stops after its last such module (the
+    MLP's output is not needed); with ``full`` it runs whole and ``states`` are replaced by its outputs."""
     mods = walk.attention[i]
     caught = {ckpt: _Caught([], [], MomentAccumulator()) for _m, _mod, ckpt in mods}
     hooks = []
     for k, (_m, mod, ckpt) in enumerate(mods):
 
         def pre(_mod, args, kwargs, c=caught[ckpt]):
+            if full:
+                return  # only the outputs are wanted
             x = args[0] if args else kwargs["hidden_states"]
             c.moments.add(x)
             c.calls.append((args, kwargs))
 
         def post(_mod, _args, _kwargs, out, c=caught[ckpt], last=k == len(mods) - 1):
             c.outputs.append(_output(out).detach())
-            if last:
+            if last and not full:
                 raise _Stop
 
         hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         hooks.append(mod.register_forward_hook(post, with_kwargs=True))
     try:
-        for b in range(len(walk.states)):
+        for b in range(len(states)):
             with contextlib.suppress(_Stop):
-                walk.run(layer, b, walk.states[b])
+                out = walk.run(layer, b, states[b])
+                if full:
+                    states[b] = out
     finally:
         for h in hooks:
             h.remove()
