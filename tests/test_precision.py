@@ -123,6 +123,7 @@ def test_weight_stats_attention_and_linear(make_model):
         model.model.embed_tokens.weight[0, 0] = 11.0
     stats = weight_stats(model)
     assert stats["attention_max_abs"] == 7.0
+    assert stats["attention_argmax"] == "model.layers.1.self_attn.o_proj.weight"
     assert stats["attention_tensors"] == 2 * 4  # q, k, v, o in each of 2 layers
     assert stats["linear_max_abs"] == 9.0
     assert stats["embedding_max_abs"] == 11.0

@@ -198,8 +198,9 @@ def _attention_weight_ids(model: torch.nn.Module) -> set[int] | None:
 @torch.no_grad()
 def weight_stats(model: torch.nn.Module) -> dict[str, Any]:
     """Largest weight magnitudes: ``attention_max_abs`` (Q/K/V/O projections, ``None`` when the family
-    is not one the converter knows), ``linear_max_abs`` (every Linear/Conv1D weight) and
-    ``embedding_max_abs`` (input/output embeddings that are not Linear layers), plus tensor counts.
+    is not one the converter knows), ``linear_max_abs`` (every Linear/Conv1D weight, a tied output
+    embedding included) and ``embedding_max_abs`` (input/output embeddings that are not Linear
+    layers), with the name of the tensor that holds each (``*_argmax``) and tensor counts.
     """
     conv1d = _conv1d_class()
     attention = _attention_weight_ids(model)
@@ -214,19 +215,23 @@ def weight_stats(model: torch.nn.Module) -> dict[str, Any]:
         "linear_max_abs": None,
         "linear_tensors": 0,
         "embedding_max_abs": None,
+        "attention_argmax": None,
+        "linear_argmax": None,
+        "embedding_argmax": None,
     }
 
-    def bump(key: str, value: float) -> None:
-        stats[key] = value if stats[key] is None else max(stats[key], value)
+    def bump(kind: str, value: float, name: str) -> None:
+        if stats[f"{kind}_max_abs"] is None or value > stats[f"{kind}_max_abs"]:
+            stats[f"{kind}_max_abs"], stats[f"{kind}_argmax"] = value, name
 
-    for _, weight, _ in _targets(model):
+    for name, weight, _ in _targets(model):
         m = float(weight.detach().abs().max()) if weight.numel() else 0.0
         if id(weight) in linear_ids:
-            bump("linear_max_abs", m)
+            bump("linear", m, name)
             stats["linear_tensors"] += 1
         else:
-            bump("embedding_max_abs", m)
+            bump("embedding", m, name)
         if attention is not None and id(weight) in attention:
-            bump("attention_max_abs", m)
+            bump("attention", m, name)
             stats["attention_tensors"] += 1
     return stats
