@@ -95,6 +95,59 @@ def test_aligned_exact_when_heads_differ_by_foldable_maps(make_model, tmp_path, 
     assert (_logits(tmp_path / "mean", x) - ref).abs().max() > 1e-2
 
 
+def test_identity_at_full_kv_heads_is_bit_exact(make_model, tmp_path, tokens):
+    """G = current K/V heads: the maps are exactly the identity, so every tensor is written back
+    unchanged (not merely to float tolerance)."""
+    calib, _ = tokens
+    folder, model = make_model("qwen2", num_heads=8, num_kv_heads=4)  # biases, r = 2
+    convert(folder, tmp_path / "out", 4, _aligned(calib), progress=False)
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    for name, t in model.state_dict().items():
+        assert torch.equal(out[name], t), name
+
+
+@torch.no_grad()
+def _round_q8(model) -> None:
+    """Q8_0-like rounding of every ``nn.Linear`` weight, in place: blocks of 32 along the input dim,
+    one scale per block (its max |w| / 127), as llama.cpp's Q8_0 stores them."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            w = mod.weight.reshape(-1, 32)
+            scale = w.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127
+            mod.weight.copy_((torch.round(w / scale) * scale).view_as(mod.weight))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "extra", "heads", "groups"),
+    [("llama", {}, (4, 4), 2), ("phi", {"partial_rotary_factor": 0.5}, (4, 4), 2), ("qwen2", {}, (8, 4), 1)],
+)
+def test_aligned_weights_stay_in_range_and_survive_rounding(
+    make_model, tmp_path, tokens, model_type, extra, heads, groups
+):
+    """The heads of a random model share nothing, so the fitted maps are far from the identity: the
+    weights they are folded into must still stay in the original's range (a basis regressed on the
+    mean head wrote attention weights 10-400x the original's here), and an 8-bit rounding of every
+    linear weight must move the converted model's logits no more than it moves the original's
+    (within 2x). Covers the rotary pairs (llama), the linear fit of non-rotary keys (phi, partial
+    rotary) and biases (qwen2, 4 -> 1)."""
+    calib, x = tokens
+    folder, model = make_model(model_type, num_heads=heads[0], num_kv_heads=heads[1], **extra)
+    convert(folder, tmp_path / "out", groups, _aligned(calib), progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    got = dict(merged.named_modules())
+    for name, mod in model.named_modules():
+        if "attn" in name and isinstance(mod, torch.nn.Linear):
+            big, ref = got[name].weight.abs().max().item(), mod.weight.abs().max().item()
+            assert big <= 10 * ref, (name, big, ref)
+    moves = []
+    for m in (model, merged):
+        with torch.no_grad():
+            before = m(x).logits
+            _round_q8(m)
+            moves.append((m(x).logits - before).abs().max().item())
+    assert moves[1] <= 2 * moves[0], moves
+
+
 @pytest.mark.parametrize("model_type", sorted(NATIVE_FAMILIES))
 def test_every_native_family_converts_with_aligned(make_model, tmp_path, tokens, model_type):
     """Each family converts with aligned (similarity grouping too) and loads; with the heads of each
