@@ -71,7 +71,13 @@ def convert(
             "rows and output columns (no extra inference cost; far closer to the original); "
             "[bold]mean[/] averages them (the paper's method); [bold]first[/] keeps each group's first "
             "head; [bold]random[/] draws new heads at random (the paper's ablations). "
-            "Default: aligned when --calibration is given, else mean.",
+            "Default: aligned when --calibration is given, else mean. "
+            "What each family gets from aligned: every decoder family is calibrated layer by layer and "
+            "refined (--refine); families with K norms (Qwen3, OLMo2, StableLM with qk_layernorm) start "
+            "their keys from mean pooling, since a norm after the key projection makes no fold into Q "
+            "exact, and refinement then trains keys, norms and all; T5 (encoder-decoder) cannot run layer "
+            "by layer here and is fitted from its weights alone, not refined. The model card records "
+            "which applied.",
             rich_help_panel=CONV,
             show_default=False,
         ),

@@ -736,7 +736,11 @@ class CalibratedMerge(BaseMethod):
                 f"- **Calibration data:** `{data}`, {tokens.numel():,} tokens ({tokens.shape[0]} × {tokens.shape[1]})"
             )
         if n_norm and self.name == "aligned":
-            notes.append(f"- Keys mean-pooled in {n_norm} modules with K norms; values aligned")
+            refined = " (then refined with the rest of the module)" if self.reports else ""
+            notes.append(
+                f"- Keys start from mean pooling in {n_norm} modules with K norms (a norm after the key "
+                f"projection makes no fold into Q exact); values aligned{refined}"
+            )
         if self.reports:
             kept = [r for r in self.reports if r.kept]
             mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731

@@ -59,10 +59,10 @@ logger = logging.getLogger(__name__)
 class RefineSpec:
     """How hard to train each merged attention module (the refinement budget)."""
 
-    steps: int = 150  # most optimizer steps per attention module
+    steps: int = 60  # most optimizer steps per attention module
     lr: float = 3e-2  # Adam's peak step, relative to each tensor's RMS (cosine decay to 10% of it)
     batch_size: int = 4  # calibration sequences per step
-    patience: int = 25  # window of steps: stop when a window's mean loss is not 2% below the last one's
+    patience: int = 20  # window of steps: stop when a window's mean loss is not 2% below the last one's
     warmup: int = 10  # linear learning-rate warm-up steps
     # What the converted module is trained to output: ``original``, the original module's output on
     # the original model's own hidden states (so a layer also makes up for the error of the layers
