@@ -37,6 +37,15 @@ How it measures:
    also times ``--grouping similarity`` on one synthetic attention layer of the real width with
    32 and 64 heads (planted groups): the per-module cost tables, then the bounded search per
    target G, with the search's own peak memory (tracemalloc) and the process's peak RSS.
+   ``aligned`` is the closed-form fit only (``refine=False``: ``convert`` refines calibrated
+   methods by default, with a budget meant for small models).
+7. ``--refine-steps N`` (N > 0, with ``--method aligned``) adds the ``refined`` route at every
+   aligned depth: the same conversion with layer-wise refinement, ``RefineSpec(steps=N)``
+   (``gqa_uptrain.merging.refine``). It prints the peak RSS beside the closed form's and its growth
+   per layer, the RSS after each layer's modules are refined (one process: growth within a run,
+   without the noise between processes), the seconds per Adam step at this width (from the
+   method's reports), and the calibration activations refinement keeps (per calibration batch the
+   layer's input states, attention input and attention output: ``3 x tokens x hidden x 4`` bytes).
 
 Usage::
 
@@ -44,6 +53,8 @@ Usage::
     .venv/bin/python scripts/bench_convert.py --layers 8 --skip-naive
     .venv/bin/python scripts/bench_convert.py --shape tiny --layers 2   # seconds (the smoke test)
     .venv/bin/python scripts/bench_convert.py --method aligned --layers 4 --aligned-layers 2,4 --skip-naive
+    .venv/bin/python scripts/bench_convert.py --method aligned --refine-steps 3 --layers 4 \
+        --aligned-layers 2,4 --skip-naive --grouping       # refinement's memory and step time
 
 Timings are of one machine at one moment: other processes sharing the disk or the cores make them
 noisy; ``--repeat N`` keeps the best of N runs of the copy and the converter.
@@ -280,6 +291,7 @@ class Run:
     peak_rss: int  # bytes
     estimated: bool = False  # extrapolated from a smaller checkpoint, not measured
     base_rss: int = 0  # naive route: RSS after imports, before any weight is loaded
+    detail: dict | None = None  # aligned / refined routes: what the worker measured inside
 
     @property
     def mb_per_s(self) -> float:
@@ -294,7 +306,8 @@ def route_command(route: str, src: Path, dst: Path, args: argparse.Namespace, re
             "--calibration", str(args.calibration), "--calibration-tokens", str(args.calibration_tokens),
             "--calibration-seq-len", str(args.calibration_seq_len),
             "--grouping-hidden", str(args.grouping_hidden),
-            "--grouping-threads", str(args.grouping_threads)]  # fmt: skip
+            "--grouping-threads", str(args.grouping_threads),
+            "--refine-steps", str(args.refine_steps if route == "refined" else 0)]  # fmt: skip
 
 
 def run_child(what: str, cmd: list[str], log: Path, rusage: Path) -> int:
@@ -355,6 +368,8 @@ def measure(
         sys.exit(f"error: the {route} route failed (exit {proc.returncode}); its log ends with:\n{tail}")
     maxrss = json.loads(rusage.read_text())["maxrss_kib"] * 1024
     run = Run(route, layers, src_bytes_of(src), du(dst), seconds, maxrss)
+    if route in ("aligned", "refined"):
+        run.detail = json.loads(report.read_text())
     print(
         f"  {route}: {seconds:.1f} s, {run.mb_per_s:.0f} MB/s, peak RSS {fmt_bytes(run.peak_rss)}",
         flush=True,
@@ -376,13 +391,8 @@ def worker(args: argparse.Namespace) -> None:
 
         convert(src, dst, args.num_kv_heads, "mean", max_shard_size=args.max_shard_size, progress=False)
         return
-    if args.worker == "aligned":
-        # What `gqa-convert SRC DST -g G --method aligned --calibration TEXT --calibration-tokens N` runs.
-        from gqa_uptrain import convert
-
-        convert(src, dst, args.num_kv_heads, "aligned", calibration=args.calibration,
-                calibration_tokens=args.calibration_tokens, calibration_seq_len=args.calibration_seq_len,
-                max_shard_size=args.max_shard_size, progress=False)  # fmt: skip
+    if args.worker in ("aligned", "refined"):
+        aligned_worker(args, src, dst)
         return
     if args.worker == "grouping":
         grouping_worker(args)
@@ -422,6 +432,67 @@ def worker(args: argparse.Namespace) -> None:
             attn.num_key_value_groups = h // g
     cfg.num_key_value_heads = g
     model.save_pretrained(dst, max_shard_size=args.max_shard_size)
+
+
+def _rss() -> int:
+    """This process's resident set now (bytes)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set so far (bytes; the worker was exec'ed fresh, so its own).
+    The kernel updates its high-water mark lazily, so the current RSS is taken into account."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _rss())
+
+
+def aligned_worker(args: argparse.Namespace, src: Path, dst: Path) -> None:
+    """What `gqa-convert SRC DST -g G --method aligned --calibration TEXT --calibration-tokens N
+    --refine-steps S` runs (``--no-refine`` for S = 0), through the library with the method built
+    here so its refinement reports can be read; writes what it measured inside to the report.
+
+    Instrumentation only, nothing changes what runs: the RSS and the peak so far are taken each
+    time a module's result goes to the refinement's block store (once per layer for Llama), and
+    the peaks of the calibration (``prepare``) and streaming phases are told apart.
+    """
+    from gqa_uptrain import convert
+    from gqa_uptrain.merging import build_method
+    from gqa_uptrain.merging.calibration import CalibrationSpec, calibration_tokens
+    from gqa_uptrain.merging.refine import BlockStore, RefineSpec
+
+    spec = CalibrationSpec(str(args.calibration), args.calibration_tokens, args.calibration_seq_len)
+    refine = RefineSpec(steps=args.refine_steps) if args.refine_steps else None
+    method = build_method("aligned", spec, "contiguous", progress=False, refine=refine)
+    per_module: list[dict] = []
+    t_start = time.perf_counter()
+    put = BlockStore.put
+
+    def put_and_measure(self, module_name, blocks):  # noqa: ANN001, ANN202
+        put(self, module_name, blocks)
+        per_module.append({"module": module_name, "rss": _rss(), "peak_rss": _peak_rss(),
+                           "t": time.perf_counter() - t_start})  # fmt: skip
+
+    BlockStore.put = put_and_measure  # type: ignore[method-assign]
+    prepare = method.prepare
+    phases: dict = {"rss_after_imports": _rss()}
+
+    def timed_prepare(source, g):  # noqa: ANN001, ANN202
+        t0 = time.perf_counter()
+        prepare(source, g)
+        phases.update(prepare_s=time.perf_counter() - t0, prepare_peak_rss=_peak_rss(),
+                      rss_after_prepare=_rss())  # fmt: skip
+        phases["tokens"] = list(calibration_tokens(source, spec).shape)  # what prepare used: [B, T]
+
+    method.prepare = timed_prepare  # type: ignore[method-assign]
+    convert(src, dst, args.num_kv_heads, method, max_shard_size=args.max_shard_size, progress=False)
+    reports = [{"module": r.module_name, "steps": r.steps, "seconds": r.seconds, "kept": r.kept,
+                "error_before": r.error_before, "error_after": r.error_after} for r in method.reports]  # fmt: skip
+    Path(args.worker_report).write_text(json.dumps({
+        "refine_steps": args.refine_steps, "refine_batch_size": refine.batch_size if refine else None,
+        **phases,
+        "total_s": time.perf_counter() - t_start, "peak_rss": _peak_rss(),
+        "per_module": per_module, "reports": reports,
+    }))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,6 +667,83 @@ def print_grouping(rows: list[dict], threads: int) -> None:
 # Report
 
 
+def activation_bytes(tokens: int, hidden: int) -> int:
+    """What refinement keeps of the calibration activations: per batch the layer's input states, its
+    attention input and its attention output, float32 (``gqa_uptrain.merging.refine``)."""
+    return 3 * tokens * hidden * 4
+
+
+def refined_block_bytes(cfg: dict, num_kv_heads: int) -> int:
+    """One attention module's refined float32 head blocks (Q, K, V, O), spilled to disk per layer."""
+    h = cfg["hidden_size"]
+    kv = num_kv_heads * (h // cfg["num_attention_heads"])
+    return (2 * h * h + 2 * kv * h) * 4
+
+
+def print_refinement(runs: list[Run], args: argparse.Namespace) -> None:
+    """Refinement's memory beside the closed form's at each depth, its growth with depth, and its
+    step time; the activation model it is checked against."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cal = sorted((r for r in runs if r.route in ("aligned", "refined")), key=lambda r: (r.layers, r.route))
+    if not cal:
+        return
+    cfg = SHAPES[args.shape]
+    hidden = cfg["hidden_size"]
+    console = Console(width=max(110, shutil.get_terminal_size().columns), highlight=False)
+    table = Table(
+        title=f"aligned merge, closed form vs layer-wise refinement (--refine-steps {args.refine_steps})"
+    )
+    for col in ("route", "layers", "wall time", "calibration phase", "peak RSS", "RSS after calibration",
+                "RSS after each layer", "Adam steps", "s / step"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "route" else "right")
+    for r in cal:
+        d = r.detail or {}
+        reps = d.get("reports", [])
+        steps = sum(x["steps"] for x in reps)
+        secs = sum(x["seconds"] for x in reps)
+        after = " / ".join(f"{x['rss'] / 1e9:.2f}" for x in d.get("per_module", [])) or "-"
+        table.add_row(r.route, str(r.layers), f"{r.seconds:.0f} s", f"{d.get('prepare_s', 0):.0f} s",
+                      fmt_bytes(r.peak_rss), fmt_bytes(d.get("rss_after_prepare", 0)), after,
+                      str(steps) if r.route == "refined" else "-",
+                      f"{secs / steps:.1f} s" if steps else "-")  # fmt: skip
+    console.print(table)
+    refined = [r for r in cal if r.route == "refined"]
+    shape = (refined[0].detail or {}).get("tokens") if refined else None
+    tokens = shape[0] * shape[1] if shape else args.calibration_tokens
+    print(f"calibration: {tokens} tokens ({shape[0] if shape else '?'} x {shape[1] if shape else '?'}) of real "
+          f"text, refinement batch {(refined[0].detail or {}).get('refine_batch_size') if refined else '-'} "
+          f"sequences; s / step = a module's refinement time (its Adam steps and the error over all batches "
+          f"before and after) / its steps; RSS after each layer: when that layer's module was done (GB)")  # fmt: skip
+    model = activation_bytes(tokens, hidden)
+    print(f"refinement keeps 3 x {tokens} tokens x {hidden} x 4 B = {fmt_bytes(model)} of calibration activations "
+          f"(input states, attention input, attention output); refined float32 blocks spilled to disk: "
+          f"{fmt_bytes(refined_block_bytes(cfg, args.num_kv_heads))} per layer")  # fmt: skip
+    at_16k = activation_bytes(16384, hidden)
+    print(f"  (at {hidden} wide: {activation_bytes(1, hidden) / 1e3:.0f} KB per calibration token; "
+          f"16,384 tokens: {fmt_bytes(at_16k)}; the default 65,536: {fmt_bytes(activation_bytes(65536, hidden))})")  # fmt: skip
+    by = {(r.route, r.layers): r for r in cal}
+    for r in refined:
+        base = by.get(("aligned", r.layers))
+        if base is not None:
+            print(f"refined vs closed form at {r.layers} layers: peak RSS {fmt_bytes(r.peak_rss)} vs "
+                  f"{fmt_bytes(base.peak_rss)} ({(r.peak_rss - base.peak_rss) / 1e6:+.0f} MB)")  # fmt: skip
+    if len(refined) > 1:
+        lo, hi = refined[0], refined[-1]
+        per_layer = (hi.peak_rss - lo.peak_rss) / (hi.layers - lo.layers)
+        print(
+            f"refined peak RSS growth: {per_layer / 1e6:+.0f} MB per layer from {lo.layers} to {hi.layers} layers"
+        )
+    for r in refined:
+        pm = (r.detail or {}).get("per_module", [])
+        if len(pm) > 1:
+            within = (pm[-1]["rss"] - pm[0]["rss"]) / (len(pm) - 1)
+            print(f"refined, {r.layers} layers, within the run: RSS after each layer "
+                  f"{' / '.join(fmt_bytes(x['rss']) for x in pm)} ({within / 1e6:+.0f} MB per layer), "
+                  f"peak so far {' / '.join(fmt_bytes(x['peak_rss']) for x in pm)}")  # fmt: skip
+
+
 def print_report(runs: list[Run], args: argparse.Namespace, layers: int) -> bool:
     """Print the table and the targets; returns whether every checked target passed."""
     from rich.console import Console
@@ -733,14 +881,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--grouping-hidden", type=int, default=4096, help="width of the layer similarity grouping is timed on"
     )
     p.add_argument("--grouping-threads", type=int, default=1, help="torch threads for the grouping timing")
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        help="with --method aligned: also run the aligned converter with layer-wise refinement, "
+        "RefineSpec(steps=N), at every aligned depth (0: the closed-form fit only)",
+    )
     # Child-process side of a route (internal).
     p.add_argument(
-        "--worker", choices=("copy", "converter", "naive", "aligned", "grouping"), help=argparse.SUPPRESS
+        "--worker",
+        choices=("copy", "converter", "naive", "aligned", "refined", "grouping"),
+        help=argparse.SUPPRESS,
     )
     p.add_argument("--worker-src", help=argparse.SUPPRESS)
     p.add_argument("--worker-dst", help=argparse.SUPPRESS)
     p.add_argument("--worker-report", help=argparse.SUPPRESS)
-    return p.parse_args(argv)  # fmt: skip
+    args = p.parse_args(argv)
+    if args.refine_steps < 0:
+        p.error(f"--refine-steps must be >= 0, got {args.refine_steps}")
+    if args.refine_steps and args.method != "aligned" and not args.worker:
+        p.error("--refine-steps refines the aligned merge: add --method aligned")
+    return args  # fmt: skip
 
 
 def config_for(args: argparse.Namespace, layers: int) -> dict:
@@ -779,7 +941,7 @@ def run_size(args: argparse.Namespace, work: Path, layers: int, routes: list[str
     src = work / f"src-{layers}"
     t0 = time.perf_counter()
     nbytes = build_checkpoint(src, cfg, args.dtype, args.source_shard_size)
-    if "aligned" in routes:  # calibration tokenizes with the checkpoint's own tokenizer
+    if {"aligned", "refined"} & set(routes):  # calibration tokenizes with the checkpoint's own tokenizer
         add_tokenizer(src, cfg["vocab_size"], args.calibration)
     print(
         f"built a {layers}-layer checkpoint ({fmt_bytes(nbytes)}) in {time.perf_counter() - t0:.1f} s",
@@ -788,14 +950,14 @@ def run_size(args: argparse.Namespace, work: Path, layers: int, routes: list[str
     g = args.num_kv_heads
     out_cfg = {**cfg, "num_key_value_heads": g}
     expect = {"copy": du(src), "converter": checkpoint_bytes(out_cfg, args.dtype)}
-    expect["naive"] = expect["aligned"] = expect["converter"]
+    expect["naive"] = expect["aligned"] = expect["refined"] = expect["converter"]
     best: dict[str, Run] = {}
     for rep in range(args.repeat):
         for route in routes:
-            if route in ("naive", "aligned") and rep:
+            if route in ("naive", "aligned", "refined") and rep:
                 continue  # once is enough to show its memory
             run, dst = measure(route, src, layers, work, args, expect[route])
-            if rep == 0 and route == "aligned":
+            if rep == 0 and route in ("aligned", "refined"):
                 check_aligned(src, dst, layers, g)
             elif rep == 0 and route != "copy":
                 check_mean_pooled(src, dst, layers, g)
@@ -843,8 +1005,9 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM", flush=True)  # fmt: skip
     aligned_depths = sorted({int(x) for x in (args.aligned_layers or str(layers)).split(",") if x})
     try:
+        calibrated = ["aligned"] + (["refined"] if args.refine_steps else [])
         routes = ["copy", "converter"] + (
-            ["aligned"] if args.method == "aligned" and layers in aligned_depths else []
+            calibrated if args.method == "aligned" and layers in aligned_depths else []
         )
         naive_here = not args.skip_naive and args.naive_layers == layers
         naive_bytes = checkpoint_bytes(config_for(args, args.naive_layers), args.dtype)
@@ -864,9 +1027,11 @@ def main() -> None:
         if args.method == "aligned":
             for depth in aligned_depths:
                 if depth != layers:
-                    runs += run_size(args, work, depth, ["aligned"])
+                    runs += run_size(args, work, depth, calibrated)
         grouping = measure_grouping(args, work) if args.method == "aligned" else []
         ok = print_report(runs, args, layers)
+        if args.refine_steps:
+            print_refinement(runs, args)
         if grouping:
             print_grouping(grouping, args.grouping_threads)
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")

@@ -109,3 +109,55 @@ def test_bench_convert_aligned_prints_memory_and_grouping(tmp_path, python_docs)
         assert r["cost"] <= r["contiguous_cost"] * (1 + 1e-9)
         assert r["search_peak_bytes"] < 100e6 and r["search_s"] >= 0 and r["process_peak_rss"] > 0
     assert list(work.iterdir()) == []
+
+
+@pytest.mark.slow  # child processes that import torch, a tokenizer trained on the docs
+def test_bench_convert_refine_steps_reports_refinement(tmp_path, python_docs):
+    """--refine-steps N: the aligned converter also runs with layer-wise refinement (RefineSpec(steps=N))
+    beside the closed form; its peak RSS, the RSS after each layer, the Adam steps and their time, and
+    the calibration activations it keeps are printed and written to the JSON."""
+    work = tmp_path / "work"
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--shape", "tiny", "--layers", "1", "--skip-naive", "--method", "aligned",
+         "--refine-steps", "2", "--calibration", str(python_docs / "tutorial"),
+         "--calibration-tokens", "256", "--calibration-seq-len", "64", "--grouping",
+         "--workdir", str(work), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert "closed form vs layer-wise refinement (--refine-steps 2)" in text
+    assert "refinement keeps 3 x 256 tokens x 256 x 4 B = 0.8 MB of calibration activations" in text
+    assert "refined vs closed form at 1 layers: peak RSS" in text
+
+    runs = {r["route"]: r for r in json.loads(out.read_text())}
+    assert {"aligned", "refined"} <= set(runs)
+    closed, refined = runs["aligned"]["detail"], runs["refined"]["detail"]
+    assert closed["refine_steps"] == 0 and closed["reports"] == [] and closed["per_module"] == []
+    assert refined["refine_steps"] == 2 and refined["tokens"] == [4, 64]
+    (report,) = refined["reports"]  # one attention module, refined for at most 2 steps
+    assert (
+        report["module"] == "model.layers.0.self_attn" and 1 <= report["steps"] <= 2 and report["seconds"] > 0
+    )
+    (after,) = refined["per_module"]
+    assert 100e6 < after["rss"] <= after["peak_rss"] <= runs["refined"]["peak_rss"] * 1.01
+    # The same tensors (shapes checked by the script); the model cards differ by the refinement note.
+    assert (
+        runs["aligned"]["out_bytes"] > 0
+        and abs(runs["refined"]["out_bytes"] - runs["aligned"]["out_bytes"]) < 1e5
+    )
+    assert list(work.iterdir()) == []
+
+
+def test_bench_convert_refine_steps_needs_aligned(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--refine-steps", "3", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0 and "--method aligned" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
