@@ -233,3 +233,21 @@ def test_cli_refines_by_default_with_calibration(make_model, tmp_path):
     assert res.exit_code != 0
     assert "--refine-steps" in res.output
     assert not (tmp_path / "o2").exists()
+
+
+def test_block_store_removes_stores_of_dead_processes(tmp_path, monkeypatch):
+    """A conversion killed mid-way leaves its block store behind; the next one removes it (and
+    leaves a live process's store alone)."""
+    import os
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = tmp_path / f"{BlockStore.PREFIX}{2**22 + 12345}-abc"  # above any default pid_max
+    live = tmp_path / f"{BlockStore.PREFIX}{os.getppid()}-abc"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "x.safetensors").write_bytes(b"0")
+    store = BlockStore()
+    assert not dead.exists() and live.exists()
+    assert store.folder.parent == tmp_path
+    store.close()

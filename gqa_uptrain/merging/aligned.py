@@ -43,9 +43,6 @@ warning) and values are still aligned.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -71,6 +68,7 @@ from .grouping import (
     permute_blocks,
     query_permutation,
 )
+from .memory import release_free_memory
 from .methods import (
     BaseMethod,
     HeadBlocks,
@@ -651,10 +649,19 @@ class CalibratedMerge(BaseMethod):
         def on_module(mom: ModuleMoments) -> None:
             self._plan(mom, units[mom.module_name], src, dims.num_heads)
 
+        key_mean: set[str] = set()
+
         def planned_blocks(mom: ModuleMoments) -> HeadBlocks:
             on_module(mom)
             ctx = MergeContext(mom.module_name, num_kv_heads)
-            return self._merge_planned(_read_blocks(src, units[mom.module_name]), ctx)
+            blocks = self._merge_planned(_read_blocks(src, units[mom.module_name]), ctx)
+            # merge() takes the refined blocks from the store: the fitted maps are not needed again
+            # (8.5 MB per layer at Llama-2-7B width, kept for the whole run otherwise).
+            plan = self.plans[mom.module_name]
+            if plan.fit is not None and plan.fit.key_mean:
+                key_mean.add(mom.module_name)
+            self.plans[mom.module_name] = _ModulePlan(plan.kv_perm, None)
+            return blocks
 
         try:
             if self.refine is not None and num_kv_heads < dims.num_kv_heads:
@@ -685,7 +692,7 @@ class CalibratedMerge(BaseMethod):
                 self._store = None
             for mom in iter_isotropic(src):
                 self._plan(mom, units[mom.module_name], src, dims.num_heads)
-        n_norm = sum(1 for p in self.plans.values() if p.fit is not None and p.fit.key_mean)
+        n_norm = len(key_mean) + sum(1 for p in self.plans.values() if p.fit is not None and p.fit.key_mean)
         logger.debug(
             "calibrated %d modules; fitted maps kept until streaming: %.1f MB",
             len(self.plans),
@@ -802,27 +809,6 @@ class CalibratedMerge(BaseMethod):
                     x = parts["k"]
                     parts["k"] = x.reshape(ctx.num_kv_heads, -1, *x.shape[1:]).float().mean(1).to(x.dtype)
         return out
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    return getattr(libc, "malloc_trim", None)
-
-
-def release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
-
-    Each module's fit allocates and frees about 1 GB of float64 working tensors at Llama-2-7B
-    width. glibc serves blocks under its mmap threshold (which it raises up to 32 MB as large
-    blocks are freed) from the heap, where the small fitted maps kept between modules pin freed
-    pages, so without this the peak RSS crept up with depth (+55 MB per layer measured, against
-    the 8 MB of maps each layer really keeps) and sat 0.3-0.5 GB higher.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _module_tensors(src: Source, arch: Architecture) -> dict[str, ModuleTensors]:

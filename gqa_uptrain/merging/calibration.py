@@ -326,15 +326,19 @@ class LayerWalk:
         _load_params(model, rest, self.resolve, self.src.reader.read)
 
     def load_layer(
-        self, i: int, model: torch.nn.Module | None = None, overrides: dict[str, torch.Tensor] | None = None
+        self,
+        i: int,
+        model: torch.nn.Module | None = None,
+        overrides: dict[str, torch.Tensor] | None = None,
+        skip: set[str] | frozenset[str] = frozenset(),
     ) -> torch.nn.Module:
-        """Layer ``i`` of ``model`` (this walk's skeleton by default) with its weights loaded."""
+        """Layer ``i`` of ``model`` (this walk's skeleton by default) with its weights loaded (those
+        named in ``skip`` are left as they are: already loaded)."""
         model = model or self.model
         layers = self.layers if model is self.model else _find_layers(model, len(self.layers))[1]
         layer = layers[i]
-        self.load_params(
-            model, [f"{self.layers_name}.{i}.{n}" for n, _ in layer.named_parameters()], overrides
-        )
+        names = [f"{self.layers_name}.{i}.{n}" for n, _ in layer.named_parameters()]
+        self.load_params(model, [n for n in names if n not in skip], overrides)
         return layer
 
     def run(self, layer: torch.nn.Module, b: int, hidden: torch.Tensor) -> torch.Tensor:

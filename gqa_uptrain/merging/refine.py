@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -50,6 +51,7 @@ import torch
 from ..architectures import ModuleTensors, get_architecture
 from ..io.checkpoint import Source
 from .calibration import LayerWalk, ModuleMoments, MomentAccumulator, _skeleton, _Stop
+from .memory import release_free_memory
 from .methods import HeadBlocks
 
 logger = logging.getLogger(__name__)
@@ -94,16 +96,27 @@ class BlockStore:
     """Refined head blocks waiting for the converter, spilled to a temporary folder (one file per
     module) so memory does not grow with the number of layers; each is deleted once taken."""
 
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="gqa-refine-"))
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, True)
-        self._dtypes: dict[str, dict[str, dict[str, torch.dtype]]] = {}
+    PREFIX = "gqa-refine-"
 
-    def put(self, module_name: str, blocks: HeadBlocks) -> None:
-        """Keep ``blocks`` (detached) for :meth:`take`."""
+    def __init__(self) -> None:
+        # In the system's temporary folder (``TMPDIR`` moves it): the blocks of every layer sit here
+        # until the converter streams them, in the checkpoint's dtype (2.7 GB at Llama-2-7B in bf16).
+        _remove_stale_stores()
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-"))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    def put(
+        self, module_name: str, blocks: HeadBlocks, dtypes: dict[str, dict[str, torch.dtype]] | None = None
+    ) -> None:
+        """Keep ``blocks`` (detached; cast to ``dtypes[suffix][role]`` where given) for :meth:`take`."""
         from safetensors.torch import save_file
 
-        flat = {f"{s}|{r}": t.detach().contiguous() for s, parts in blocks.items() for r, t in parts.items()}
+        dtypes = dtypes or {}
+        flat = {
+            f"{s}|{r}": t.detach().to(dtypes.get(s, {}).get(r, t.dtype)).contiguous()
+            for s, parts in blocks.items()
+            for r, t in parts.items()
+        }
         save_file(flat, self.folder / f"{module_name}.safetensors")
 
     def take(self, module_name: str) -> HeadBlocks | None:
@@ -123,6 +136,16 @@ class BlockStore:
     def close(self) -> None:
         """Remove the folder and whatever is left in it."""
         self._finalizer()
+
+
+def _remove_stale_stores() -> None:
+    """Remove the block stores of processes that died without cleaning up (killed mid-conversion)."""
+    from ..io.outputs import pid_alive
+
+    for path in Path(tempfile.gettempdir()).glob(f"{BlockStore.PREFIX}*-*"):
+        pid = path.name[len(BlockStore.PREFIX) :].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _param_names(suffix: str, n: int) -> list[str]:
@@ -271,7 +294,15 @@ def refine_layers(
             del mom
             packed = pack_params(walk.converted[ckpt], starts[ckpt], src.config)
             overrides.update({f"{mname}.{k}": v for k, v in packed.items()})
-        conv_layer = walk.load_layer(i, conv_model, overrides)
+        # Only the attention modules are needed while refining; the rest of the converted layer (its
+        # MLP: most of its weights) is loaded after, to run the layer on.
+        attn_names = [
+            f"{mname}.{n}"
+            for mname, _mod, _ckpt in walk.attention[i]
+            for n, _ in conv_modules[mname].named_parameters()
+        ]
+        walk.load_params(conv_model, attn_names, overrides)
+        del overrides, packed
         for mname, _mod, ckpt in walk.attention[i]:
             unit = walk.converted[ckpt]
             if spec.steps:
@@ -281,12 +312,11 @@ def refine_layers(
             else:
                 blocks, report = starts[ckpt], ModuleReport(ckpt, math.nan, math.nan, 0, 0.0, False)
             reports.append(report)
-            store.put(ckpt, blocks)
-            walk.load_params(
-                conv_model,
-                [f"{mname}.{k}" for k in pack_params(unit, blocks, src.config)],
-                {f"{mname}.{k}": v for k, v in pack_params(unit, blocks, src.config).items()},
-            )
+            dtypes = {s: {r: t.dtype for r, t in p.items()} for s, p in starts[ckpt].items()}
+            store.put(ckpt, blocks, dtypes)
+            refined = {f"{mname}.{k}": v for k, v in pack_params(unit, blocks, src.config).items()}
+            walk.load_params(conv_model, list(refined), refined)
+            del blocks, refined
             logger.debug(
                 "%s: relative attention error %.4f -> %.4f in %d steps (%.1fs)%s",
                 ckpt,
@@ -297,9 +327,12 @@ def refine_layers(
                 "" if report.kept else " (not kept)",
             )
         del caught, starts
+        done = set(attn_names)
+        conv_layer = walk.load_layer(i, conv_model, skip=done)
         for b in range(len(walk.states)):
             walk.states[b] = walk.run(conv_layer, b, walk.states[b])
         conv_layer.to("meta")
+        release_free_memory()
         bar.update(1)
         if reports and not math.isnan(reports[-1].error_after):
             bar.set_postfix(err=f"{reports[-1].error_before:.3f}→{reports[-1].error_after:.3f}")
