@@ -6,7 +6,10 @@
    trained offline on the same training documents.
 2. Convert it with ``mean``, ``first`` and ``random`` to H, H/2, H/4 and 1 K/V heads
    (``gqa_uptrain.convert``); beyond the paper, also with ``aligned`` merging and with
-   ``similarity`` grouping (both methods), calibrated on training text only.
+   ``similarity`` grouping (both methods), calibrated on training text only. The closed-form
+   ``aligned`` fit is what those variants measure; ``--methods aligned-refined`` adds the
+   project's calibrated default (``aligned`` with layer-wise refinement, what ``gqa-convert
+   --calibration`` does), and ``--methods/--kv-heads/--alphas`` run a subset of the grid.
 3. Uptrain each for alpha in {0, 1%, 5%, 10%} of N steps with the original recipe: same data, same
    optimizer and hyper-parameters, the learning-rate schedule continuing where pretraining left
    it (``gqa_uptrain.uptrain``). The MHA original gets the same extra steps as a control, so
@@ -21,6 +24,8 @@ It writes ``results.md`` (tables and the paper's claims checked against the numb
 
     .venv/bin/python scripts/reproduce_paper.py --scale smoke --out /tmp/gqa-smoke
     .venv/bin/python scripts/reproduce_paper.py --scale full --out results/full
+    .venv/bin/python scripts/reproduce_paper.py --scale full --uptrain-warmup 10 --methods aligned-refined mean \
+        --kv-heads 2 --alphas 0 1 5 --no-speed --out /tmp/refined
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from gqa_uptrain.evaluation import (
     perplexity,
     tokenize_documents,
 )
+from gqa_uptrain.evaluation.loading import resolve_device
 from gqa_uptrain.io.outputs import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger("reproduce_paper")
@@ -64,7 +70,12 @@ CALIBRATED: dict[str, tuple[str, str]] = {
     "mean-similarity": ("mean", "similarity"),
     "aligned-similarity": ("aligned", "similarity"),
 }
-METHODS = PAPER_METHODS + tuple(CALIBRATED)
+METHODS = PAPER_METHODS + tuple(CALIBRATED)  # the default sweep (the committed results)
+# The project's calibrated default (``convert(..., "aligned", calibration=...)``, ``gqa-convert
+# --calibration``): the aligned fit, then layer-wise refinement (gqa_uptrain.merging.refine). Run
+# with ``--methods``; the variants above stay the closed-form fit they measured before refinement.
+REFINED: dict[str, tuple[str, str]] = {"aligned-refined": ("aligned", "contiguous")}
+ALL_METHODS = METHODS + tuple(REFINED)
 ALPHAS = (0.0, 0.01, 0.05, 0.10)
 EOS = "<|endoftext|>"
 
@@ -365,7 +376,7 @@ def check_claims(rows: list[Row], heads: int, within: float = 0.05) -> list[dict
     at5 = [c for c in cells if math.isclose(c["alpha"], 0.05)]
     rest = [c for c in cells if not math.isclose(c["alpha"], 0.05)]
     fails0 = [c["kv_heads"] for c in cells if c["alpha"] == 0 and not c["holds"]]
-    claims.append({
+    ordering = {
         "claim": "mean < first < random in perplexity after uptraining with alpha = 5% (paper Figure 4)",
         "holds": bool(at5) and all(c["holds"] for c in at5),
         "summary": f"at alpha = 5% it holds for {sum(c['holds'] for c in at5)} of {len(at5)} K/V-head counts "
@@ -375,7 +386,9 @@ def check_claims(rows: list[Row], heads: int, within: float = 0.05) -> list[dict
         "cells": cells,
         "mean_beats_random_everywhere": all(c["mean"] < c["random"] for c in cells),
         "mean_beats_first_everywhere": all(c["mean"] < c["first"] for c in cells),
-    })  # fmt: skip
+    }  # fmt: skip
+    if at5:  # a subset run (--methods/--kv-heads/--alphas) checks only the claims it measured
+        claims.append(ordering)
 
     # 2. GQA recovers faster than MQA: the gap to the original MHA model, per alpha, GQA vs MQA.
     gqa_g = (
@@ -398,12 +411,14 @@ def check_claims(rows: list[Row], heads: int, within: float = 0.05) -> list[dict
                     }
                 )
     holds2 = bool(gaps) and all(x["gqa_gap"] <= x["mqa_gap"] for x in gaps)
-    claims.append({
+    recovery = {
         "claim": f"GQA ({gqa_g} K/V heads) has lower perplexity than MQA at every alpha: better right after conversion, and stays ahead while both recover",
         "holds": holds2,
         "summary": "; ".join(f"alpha {_pct(x['alpha'])}: GQA {x['gqa_gap']:+.1%} vs MQA {x['mqa_gap']:+.1%}" for x in gaps),
         "gaps": gaps,
-    })  # fmt: skip
+    }  # fmt: skip
+    if gaps:
+        claims.append(recovery)
 
     # 3. Headline: at alpha = 5%, GQA with H/4 K/V heads within a few percent of the original MHA.
     g4 = heads // 4
@@ -428,6 +443,9 @@ def check_merging(rows: list[Row], heads: int) -> list[dict[str, Any]]:
     ``aligned`` removes at least 60% of the held-out cross-entropy that mean pooling adds over the
     original; with uptraining, ``aligned`` at alpha = 1% is at least as good as mean at alpha = 5%.
     Similarity grouping is reported against contiguous for both methods, whatever it shows.
+
+    When ``aligned-refined`` (the calibrated default) was run, issue 13's uptraining targets at H/4:
+    at alpha = 1% within 5% of the original's perplexity, and better than mean pooling at 5%.
     """
     base = _lookup(rows, "original", heads, 0.0)
     assert base is not None
@@ -480,6 +498,39 @@ def check_merging(rows: list[Row], heads: int) -> list[dict[str, Any]]:
                             for c in cells if c["alpha"] == 0),
                 "cells": cells,
             })  # fmt: skip
+    checks += check_refined(rows, heads, g4)
+    return checks
+
+
+def check_refined(rows: list[Row], heads: int, g4: int, within: float = 0.05) -> list[dict[str, Any]]:
+    """Issue 13's targets for the calibrated default (``aligned-refined``) with uptraining, at H/4.
+
+    Nothing when those rows were not run (the default sweep), so its checks stay as they were.
+    """
+    base = _lookup(rows, "original", heads, 0.0)
+    r1, m5 = _lookup(rows, "aligned-refined", g4, 0.01), _lookup(rows, "mean", g4, 0.05)
+    checks: list[dict[str, Any]] = []
+    if base is None or r1 is None:
+        return checks
+    gap = r1.perplexity / base.perplexity - 1
+    checks.append({
+        "check": f"with uptraining, the calibrated default (aligned-refined) at alpha = 1% and H/4 = {g4} K/V heads "
+        f"is within {within:.0%} of the original MHA perplexity",
+        "holds": gap <= within,
+        "summary": f"aligned-refined@1% {r1.perplexity:.3f} vs original {base.perplexity:.3f} ({gap:+.1%})",
+        "gap": gap,
+    })  # fmt: skip
+    if m5 is not None:
+        r5 = _lookup(rows, "aligned-refined", g4, 0.05)
+        checks.append({
+            "check": f"with uptraining, the calibrated default at alpha = 1% and H/4 = {g4} K/V heads is better than "
+            "mean pooling at alpha = 5%",
+            "holds": r1.perplexity < m5.perplexity,
+            "summary": f"aligned-refined@1% {r1.perplexity:.3f} vs mean@5% {m5.perplexity:.3f}"
+            + (f" (and aligned-refined@5% {r5.perplexity:.3f})" if r5 else ""),
+            "pair": {"refined_1": r1.perplexity, "mean_5": m5.perplexity,
+                     "refined_5": r5.perplexity if r5 else None},
+        })  # fmt: skip
     return checks
 
 
@@ -491,6 +542,7 @@ def markdown(result: dict[str, Any]) -> str:
     groups = kv_heads_list(heads)
     base = _lookup(rows, "original", heads, 0.0)
     n = scale["pretrain_steps"]
+    alphas = sorted({r.alpha for r in rows})  # ALPHAS, or those of a subset run (--alphas)
     lines = [
         f"# GQA uptraining reproduced at small scale ({result['scale_name']})",
         "",
@@ -514,17 +566,20 @@ def markdown(result: dict[str, Any]) -> str:
         "so the first row is the original MHA model, uptrained the same number of steps as a control.",
         "",
         "| method | K/V heads | KV cache / token | "
-        + " | ".join(f"alpha = {_pct(a)} ({alpha_steps(a, n)} steps)" for a in ALPHAS)
+        + " | ".join(f"alpha = {_pct(a)} ({alpha_steps(a, n)} steps)" for a in alphas)
         + " |",
-        "|---|---|---|" + "---|" * len(ALPHAS),
+        "|---|---|---|" + "---|" * len(alphas),
     ]
+    methods = result.get("methods") or list(ALL_METHODS)
     for g in groups:
-        for method in ("original",) if g == heads else METHODS:
+        for method in ("original",) if g == heads else methods:
+            any_r = next((r for r in rows if r.method == method and r.kv_heads == g), None)
+            if any_r is None:  # a subset run (--methods/--kv-heads)
+                continue
             cells = []
-            for a in ALPHAS:
+            for a in alphas:
                 r = _lookup(rows, method, g, a)
                 cells.append(f"{r.perplexity:.3f}" if r else "n/a")
-            any_r = next(r for r in rows if r.method == method and r.kv_heads == g)
             label = "MHA (original)" if method == "original" else method
             lines.append(f"| {label} | {g} | {any_r.kv_bytes_per_token} B | " + " | ".join(cells) + " |")
     lines += [
@@ -532,6 +587,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"Original MHA perplexity: **{base.perplexity:.3f}**. KV-cache sizes are float32, computed from the "
         "config; every one was checked against the cache `generate` allocates: "
         + ("all match." if all(r.kv_cache_match for r in rows) else "**MISMATCHES found** (see results.json)."),
+    ]  # fmt: skip
+    if result.get("convert_seconds"):
+        lines += [
+            "",
+            "Conversion time: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in result["convert_seconds"].items())
+            + ".",
+        ]
+    speed_lines = [
         "",
         "## Decode speed (greedy, CPU)" if result["speed"][0]["device"] == "cpu" else "## Decode speed (greedy)",
         "",
@@ -541,9 +605,12 @@ def markdown(result: dict[str, Any]) -> str:
         "| K/V heads | KV cache @ longest context | " + " | ".join(f"ctx {c}: tokens/s" for c in scale["speed_contexts"]) + " | "
         + " | ".join(f"ctx {c}: first token" for c in scale["speed_contexts"]) + " |",
         "|---|---|" + "---|" * (2 * len(scale["speed_contexts"])),
-    ]  # fmt: skip
+    ] if result["speed"] else []  # fmt: skip
+    lines += speed_lines
     for g in groups:
         sp = [s for s in result["speed"] if s["kv_heads"] == g]
+        if not sp:  # --no-speed, or a K/V-head count a subset run left out
+            continue
         by_ctx = {s["context"]: s for s in sp}
         longest = by_ctx[max(by_ctx)]
         lines.append(
@@ -551,11 +618,13 @@ def markdown(result: dict[str, Any]) -> str:
             + " | ".join(f"{by_ctx[c]['decode_tokens_per_s']:.0f}" for c in scale["speed_contexts"]) + " | "
             + " | ".join(f"{1000 * by_ctx[c]['time_to_first_token_s']:.1f} ms" for c in scale["speed_contexts"]) + " |"
         )  # fmt: skip
-    lines += ["", "## The paper's claims, checked", ""]
-    for c in result["claims"]:
-        lines.append(f"- **{'Holds' if c['holds'] else 'Does not hold'}**: {c['claim']}. {c['summary']}.")
-    lines += ["", "### Where the results disagree with the paper, and why", ""]
-    lines += result["discussion"]
+    if result["claims"]:  # a subset run may measure none of them
+        lines += ["", "## The paper's claims, checked", ""]
+        for c in result["claims"]:
+            lines.append(f"- **{'Holds' if c['holds'] else 'Does not hold'}**: {c['claim']}. {c['summary']}.")
+        if result["discussion"]:
+            lines += ["", "### Where the results disagree with the paper, and why", ""]
+            lines += result["discussion"]
     if result.get("merging"):
         lines += [
             "",
@@ -564,20 +633,29 @@ def markdown(result: dict[str, Any]) -> str:
             "`aligned` fits each group's shared K/V head to the group's own keys and values on "
             f"{scale.get('calibration_tokens', 0)} tokens of training text and folds each head's map into its "
             "query rows and output-projection columns (no extra inference cost); `similarity` chooses which heads "
-            "share a group. Rows `aligned`, `mean-similarity` and `aligned-similarity` in the table above; "
-            "the project's targets, checked:",
+            "share a group. Rows `aligned`, `mean-similarity` and `aligned-similarity` in the table above"
+            + (
+                "; `aligned-refined` is the project's calibrated default: the same `aligned` fit, then layer-wise "
+                "refinement of each merged attention module on the same calibration text"
+                if "aligned-refined" in (result.get("methods") or ())
+                else ""
+            )
+            + "; the project's targets, checked:",
             "",
         ]
         for c in result["merging"]:
             verdict = "Reported" if c["holds"] is None else ("Met" if c["holds"] else "Not met")
             lines.append(f"- **{verdict}**: {c['check']}. {c['summary']}.")
+    if _has_charts(result):
+        lines += [
+            "",
+            "## Charts",
+            "",
+            "- `fig4_methods.png`: perplexity per conversion method and K/V-head count, at alpha = 0 and 5% (paper Figure 4).",
+            "- `fig5_alpha.png`: perplexity vs uptraining proportion alpha for each K/V-head count (paper Figure 5).",
+            "- `fig6_groups.png`: decode time per token and perplexity vs number of K/V heads (paper Figure 6).",
+        ]  # fmt: skip
     lines += [
-        "",
-        "## Charts",
-        "",
-        "- `fig4_methods.png`: perplexity per conversion method and K/V-head count, at alpha = 0 and 5% (paper Figure 4).",
-        "- `fig5_alpha.png`: perplexity vs uptraining proportion alpha for each K/V-head count (paper Figure 5).",
-        "- `fig6_groups.png`: decode time per token and perplexity vs number of K/V heads (paper Figure 6).",
         "",
         "## How this was made",
         "",
@@ -661,9 +739,14 @@ def discussion(result: dict[str, Any]) -> list[str]:
                 if ctrl
                 else f"- Headline: {c['summary']}."
             )
-    if not notes:
+    if not notes and len(result["claims"]) == 3:
         notes.append("All three claims hold in this run.")
     return notes
+
+
+def _has_charts(result: dict[str, Any]) -> bool:
+    """The charts need the whole grid and the speed runs; a subset run (or --no-speed) has none."""
+    return not result.get("subset") and bool(result["speed"])
 
 
 def plots(result: dict[str, Any], folder: Path) -> list[str]:
@@ -843,6 +926,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 2-3. Convert and uptrain; 4. evaluate every checkpoint.
     rows: list[Row] = []
     t_train = t_eval = 0.0
+    convert_s: dict[str, float] = {}
     heads = scale.heads
     n = scale.pretrain_steps
 
@@ -855,15 +939,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("%-8s %d K/V heads alpha %-4s perplexity %.3f", method, g, _pct(alpha), ppl)
 
     uptrain_dir = f"uptrain-warmup{args.uptrain_warmup}" if args.uptrain_warmup else "uptrain"
+    methods = tuple(args.methods or METHODS)
+    alphas = tuple(sorted(set(args.alphas))) if args.alphas else ALPHAS
+    wanted_g = set(args.kv_heads or kv_heads_list(heads))
     for g in kv_heads_list(heads):
-        for method in ("original",) if g == heads else METHODS:
+        if g != heads and g not in wanted_g:
+            continue
+        for method in ("original",) if g == heads else methods:
             if method == "original":
                 start = original
             else:
                 start = work / "convert" / f"{method}-g{g}"
                 if not (start / "config.json").is_file():
-                    merge, grouping = CALIBRATED.get(method, (method, "contiguous"))
-                    calibrated = method in CALIBRATED
+                    t0 = time.perf_counter()
+                    merge, grouping = {**CALIBRATED, **REFINED}.get(method, (method, "contiguous"))
+                    calibrated = method in CALIBRATED or method in REFINED
                     convert(
                         original,
                         start,
@@ -873,11 +963,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         calibration=str(calibration) if calibrated else None,
                         calibration_tokens=scale.calibration_tokens if calibrated else None,
                         calibration_seq_len=scale.block_size if calibrated else None,
+                        # Refinement (on by default for calibrated methods) only where asked for.
+                        refine=method in REFINED,
                         seed=args.seed,
                         overwrite=True,
                         progress=False,
                     )
-            for alpha in ALPHAS:
+                    convert_s[f"{method}-g{g}"] = time.perf_counter() - t0
+            # The original is always scored as it is: every gap is measured against it.
+            for alpha in sorted({0.0, *alphas}) if method == "original" else alphas:
                 path = start
                 if alpha > 0:
                     t0 = time.perf_counter()
@@ -899,8 +993,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Decode speed per K/V-head count (the method does not change the architecture).
     t = time.perf_counter()
     speed = []
-    for g in kv_heads_list(heads):
-        path = original if g == heads else work / "convert" / f"mean-g{g}"
+    for g in [] if args.no_speed else kv_heads_list(heads):
+        path = (
+            original
+            if g == heads
+            else work / "convert" / f"{'mean' if 'mean' in methods else methods[0]}-g{g}"
+        )
+        if not (path / "config.json").is_file():
+            continue  # a subset run without that K/V-head count
         lm = load_model(path, device=args.device, dtype="float32")
         layout = kv_layout(lm.model.config, lm.dtype)
         for c in scale.speed_contexts:
@@ -921,7 +1021,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     **s.to_dict(),
                 }
             )
-    stage["speed"] = time.perf_counter() - t
+    if speed:
+        stage["speed"] = time.perf_counter() - t
 
     from transformers import AutoModelForCausalLM
 
@@ -932,7 +1033,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "uptrain_warmup": args.uptrain_warmup,
         "command": args.command,
-        "machine": machine_info(torch.device(speed[0]["device"])),
+        "methods": list(methods),
+        "alphas": list(alphas),
+        # The charts need every default method, alpha and K/V-head count (extra methods are fine).
+        "subset": not set(METHODS) <= set(methods)
+        or alphas != ALPHAS
+        or wanted_g != set(kv_heads_list(heads)),
+        "convert_seconds": convert_s,
+        "machine": machine_info(torch.device(speed[0]["device"] if speed else resolve_device(args.device))),
         "data": {
             "source": args.data,
             "train_documents": len(train_docs),
@@ -955,7 +1063,8 @@ def write_results(result: dict[str, Any], out: Path, overwrite: bool) -> None:
     """results.md, results.json and the charts, into ``out`` atomically."""
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         (tmp / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        plots(result, tmp)
+        if _has_charts(result):
+            plots(result, tmp)
         (tmp / "results.md").write_text(markdown(result), encoding="utf-8")
 
 
@@ -1000,6 +1109,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="Seed of initialisation, document split, data order and random conversion.",
     )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=ALL_METHODS,
+        default=None,
+        help=f"Conversion methods to run [default: {' '.join(METHODS)}]. aligned-refined: the calibrated default "
+        "(aligned + layer-wise refinement, as gqa-convert --calibration), on the same calibration text.",
+    )
+    p.add_argument(
+        "--kv-heads",
+        nargs="+",
+        type=int,
+        default=None,
+        help="K/V-head counts to convert to [default: H/2, H/4 and 1; the original H is always scored].",
+    )
+    p.add_argument(
+        "--alphas",
+        nargs="+",
+        type=float,
+        default=None,
+        help="Uptraining proportions in percent of N [default: 0 1 5 10].",
+    )
+    p.add_argument(
+        "--no-speed",
+        action="store_true",
+        help="Skip the decode-speed runs (and with them the charts).",
+    )
     p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu or cuda.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: torch's choice].")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing --out folder.")
@@ -1010,6 +1146,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Rebuild results.md, the claims and the charts from the results.json of a finished run (no training).",
     )
     args = p.parse_args(argv)
+    if args.alphas is not None:
+        if any(a < 0 or a > 100 for a in args.alphas):
+            p.error("--alphas are percentages between 0 and 100")
+        args.alphas = [a / 100 for a in args.alphas]
     args.command = "python scripts/reproduce_paper.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
@@ -1024,6 +1164,12 @@ def main(argv: list[str] | None = None) -> int:
         check_output_dir(args.out, args.overwrite)  # fail before an hour of work, not after
         if args.steps is not None and args.steps < 10:
             raise ConfigError("--steps must be at least 10")
+        heads = SCALES[args.scale].heads
+        bad = [g for g in args.kv_heads or () if g not in kv_heads_list(heads) or g == heads]
+        if bad:
+            raise ConfigError(
+                f"--kv-heads {bad}: the {args.scale} scale converts to {kv_heads_list(heads)[1:]} K/V heads"
+            )
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.from_json:
