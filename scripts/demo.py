@@ -65,8 +65,8 @@ def main() -> None:
     parser.add_argument(
         "--refine-steps",
         type=int,
-        default=None,
-        help="refinement budget per layer [default: the converter's]",
+        default=20,
+        help="refinement budget per layer (gqa-convert's default is 60; more steps, closer to the original)",
     )
     parser.add_argument("--steps", type=int, default=10, help="uptraining steps (batch 4 x 128 tokens)")
     parser.add_argument("--skip-uptrain", action="store_true", help="convert and evaluate only")
@@ -95,7 +95,7 @@ def main() -> None:
     aligned = work / "mqa-aligned"
     convert(
         gguf, aligned, 1, "aligned", calibration=DOCS / "library", calibration_tokens=args.calibration_tokens,
-        calibration_seq_len=256, refine=True if args.refine_steps is None else args.refine_steps, overwrite=True,
+        calibration_seq_len=256, refine=args.refine_steps, overwrite=True,
     )  # fmt: skip
     models.append(("MQA, aligned + refinement (--calibration)", aligned))
 
@@ -132,7 +132,7 @@ def main() -> None:
     rows = []
     for label, folder in models:
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
-        ppl = perplexity(model, ids, max_length=512, stride=512, progress=False).perplexity
+        ppl = perplexity(model, ids, max_length=512, stride=511, progress=False).perplexity
         out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
         answer = tok.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
         cfg = model.config

@@ -134,8 +134,10 @@ def convert(
     refine_steps: Annotated[
         int | None,
         typer.Option(
-            help="Refinement budget: most Adam steps per attention layer (each on a batch of calibration "
-            "sequences). More steps, more time, a little closer to the original. Implies --refine.",
+            help="Refinement budget: most Adam steps per attention layer (each on a batch of 4 calibration "
+            "sequences; a layer stops early once its loss stops falling). Default 300: on the reproduction's "
+            "model at H/4, 60 / 150 / 300 steps remove 90 / 94 / 95% of what mean pooling loses. Time grows "
+            "with it: on a CPU, 60 is the quick setting (SmolLM2 3 → 1: 88%). Implies --refine.",
             rich_help_panel=CAL,
             min=0,
             show_default=False,

@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 class RefineSpec:
     """How hard to train each merged attention module (the refinement budget)."""
 
-    steps: int = 60  # most optimizer steps per attention module
+    steps: int = 300  # most optimizer steps per attention module (early stop usually ends sooner)
     lr: float = 3e-2  # Adam's peak step, relative to each tensor's RMS (cosine decay to 10% of it)
     batch_size: int = 4  # calibration sequences per step
     patience: int = 20  # window of steps: stop when a window's mean loss is not 2% below the last one's
