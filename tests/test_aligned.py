@@ -262,12 +262,15 @@ def test_cli_aligned_with_calibration_and_card(make_model, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_every_custom_family_converts_with_aligned(tmp_path):
-    """GPT-2, GPT-NeoX, OPT, BERT calibrate layer by layer; T5 (encoder-decoder) falls back to a
-    weights-only fit. With each group's heads tied, the converted model reproduces the original."""
+@pytest.mark.parametrize("refine", [False, True])
+def test_every_custom_family_converts_with_aligned(tmp_path, refine):
+    """GPT-2, GPT-NeoX, OPT, BERT calibrate layer by layer, and with ``refine`` are refined through
+    our modelling classes; T5 (encoder-decoder) falls back to a weights-only fit, not refined. With
+    each group's heads tied, the converted model reproduces the original (refinement keeps it so)."""
     import transformers
     from test_modeling import FAMILY_NAMES, FAMILY_SPECS, VOCAB, inputs, output, tie_kv_heads
 
+    from gqa_uptrain.merging.refine import RefineSpec
     from gqa_uptrain.modeling import register_auto_classes
 
     register_auto_classes()
@@ -280,9 +283,12 @@ def test_every_custom_family_converts_with_aligned(tmp_path):
         tie_kv_heads(model, name, 2)
         model.save_pretrained(tmp_path / name)
         method = _aligned(calib)
+        if refine:
+            method = CalibratedMerge("aligned", tokens=calib, progress=False, refine=RefineSpec(steps=3))
         result = convert(tmp_path / name, tmp_path / f"{name}-gqa", 2, method, progress=False)
         assert result.method == "aligned"
         fallbacks[name] = method.fallback is not None
+        assert bool(method.reports) == (refine and name != "t5")
         batch = inputs(fam)
         converted = getattr(transformers, fam.auto_class).from_pretrained(tmp_path / f"{name}-gqa").eval()
         torch.testing.assert_close(output(converted, batch), output(model, batch), atol=2e-4, rtol=2e-4)
