@@ -467,8 +467,8 @@ def aligned_worker(args: argparse.Namespace, src: Path, dst: Path) -> None:
     t_start = time.perf_counter()
     put = BlockStore.put
 
-    def put_and_measure(self, module_name, blocks):  # noqa: ANN001, ANN202
-        put(self, module_name, blocks)
+    def put_and_measure(self, module_name, blocks, dtypes=None):  # noqa: ANN001, ANN202
+        put(self, module_name, blocks, dtypes)
         per_module.append({"module": module_name, "rss": _rss(), "peak_rss": _peak_rss(),
                            "t": time.perf_counter() - t_start})  # fmt: skip
 
