@@ -234,6 +234,8 @@ def refine_module(
         if not order:
             order = torch.randperm(n, generator=gen).tolist()
         loss = _relative_error(module, pack_params(unit, blocks, config), caught, [order.pop()])
+        if not math.isfinite(loss.item()):
+            break  # diverged: the closed-form start is kept below
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
