@@ -687,6 +687,7 @@ class CalibratedMerge(BaseMethod):
             )
             self.plans.clear()
             self.reports.clear()
+            key_mean.clear()
             if self._store is not None:
                 self._store.close()
                 self._store = None
@@ -700,9 +701,10 @@ class CalibratedMerge(BaseMethod):
         )
         if self.name == "aligned" and n_norm:
             logger.warning(
-                "%s normalises keys (q/k norms): keys are mean-pooled in %d modules, values aligned",
+                "%s normalises keys (q/k norms): keys are mean-pooled in %d modules, values aligned%s",
                 arch.name,
                 n_norm,
+                " (then refined)" if self.reports else "",
             )
         self._card_notes(tokens, n_norm)
 
