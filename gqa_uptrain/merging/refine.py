@@ -356,8 +356,7 @@ def _catch_attention(
         def pre(_mod, args, kwargs, c=caught[ckpt]):
             if full:
                 return  # only the outputs are wanted
-            x = args[0] if args else kwargs["hidden_states"]
-            c.moments.add(x)
+            c.moments.hook(_mod, args, kwargs)
             c.calls.append((args, kwargs))
 
         def post(_mod, _args, _kwargs, out, c=caught[ckpt], last=k == len(mods) - 1):
