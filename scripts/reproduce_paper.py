@@ -270,6 +270,9 @@ def train(
     dcfg: DataConfig,
     seed: int,
     warmup: int = 0,
+    teacher: Path | None = None,
+    distill_weight: float = 1.0,
+    freeze: str = "none",
 ) -> Path:
     """Train ``source`` for ``steps`` optimizer steps of the pretraining recipe; returns the model folder.
 
@@ -280,7 +283,8 @@ def train(
     parameters changed shape; ``warmup`` > 0 ramps the rate up over that many steps (at most half
     the run), since a fresh AdamW's first updates move every weight by about the learning rate
     whatever its gradient. Every uptraining run gets the same data order, so methods and
-    head counts are compared on identical batches.
+    head counts are compared on identical batches. ``teacher`` adds gqa-uptrain's distillation
+    (``distill_weight`` x KL to the original's logits) and ``freeze`` its freeze mode.
     """
     from gqa_uptrain.training.config import config_from_dict
     from gqa_uptrain.training.loop import uptrain
@@ -302,6 +306,10 @@ def train(
         "output": {"dir": str(out), "overwrite": True, "log_with": [], "log_every": max(1, steps // 5)},
         "seed": seed if pretraining else seed + 1,
     }  # fmt: skip
+    if teacher is not None:
+        recipe["distill"] = {"teacher": str(teacher), "weight": distill_weight}
+    if freeze != "none":
+        recipe["freeze"] = {"mode": freeze}
     uptrain(config_from_dict(recipe))
     if not (model_dir / "config.json").is_file():
         raise GQAError(f"uptraining {source} wrote no model to {model_dir}")
@@ -561,6 +569,16 @@ def markdown(result: dict[str, Any]) -> str:
             f", the rate ramped up over the first {result['uptrain_warmup']} steps (at most half a run)"
             if result.get("uptrain_warmup")
             else ", no warmup, as the paper continues its recipe"
+        )
+        + (
+            f"; converted models distilled from the original (KL weight {result['uptrain_distill']:g})"
+            if result.get("uptrain_distill")
+            else ""
+        )
+        + (
+            f"; only the {result['uptrain_freeze']} parameters trained"
+            if result.get("uptrain_freeze", "none") != "none"
+            else ""
         )
         + "). At G = H conversion is the identity, "
         "so the first row is the original MHA model, uptrained the same number of steps as a control.",
@@ -939,6 +957,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("%-8s %d K/V heads alpha %-4s perplexity %.3f", method, g, _pct(alpha), ppl)
 
     uptrain_dir = f"uptrain-warmup{args.uptrain_warmup}" if args.uptrain_warmup else "uptrain"
+    if args.uptrain_distill:
+        uptrain_dir += f"-distill{args.uptrain_distill:g}"
+    if args.uptrain_freeze != "none":
+        uptrain_dir += f"-freeze-{args.uptrain_freeze}"
     methods = tuple(args.methods or METHODS)
     alphas = tuple(sorted(set(args.alphas))) if args.alphas else ALPHAS
     wanted_g = set(args.kv_heads or kv_heads_list(heads))
@@ -984,6 +1006,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         dcfg,
                         args.seed,
                         args.uptrain_warmup,
+                        # The MHA control is never distilled (it would be its own teacher).
+                        original if args.uptrain_distill and method != "original" else None,
+                        args.uptrain_distill,
+                        args.uptrain_freeze,
                     )
                     t_train += time.perf_counter() - t0
                 add(method, g, alpha, path)
@@ -1032,6 +1058,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scale": asdict(scale),
         "seed": args.seed,
         "uptrain_warmup": args.uptrain_warmup,
+        "uptrain_distill": args.uptrain_distill,
+        "uptrain_freeze": args.uptrain_freeze,
         "command": args.command,
         "methods": list(methods),
         "alphas": list(alphas),
@@ -1102,6 +1130,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="Ramp the uptraining learning rate up over this many steps (at most half a run) [default: 0, the "
         "paper's protocol]. Uptraining runs go to WORK/uptrain-warmupK, so both protocols share one pretraining.",
+    )
+    p.add_argument(
+        "--uptrain-distill",
+        type=float,
+        default=0.0,
+        help="Add gqa-uptrain's distillation to the uptraining of converted models: this weight x KL to the "
+        "original's logits [default: 0, the paper's protocol]. Runs go to WORK/uptrain...-distillW.",
+    )
+    p.add_argument(
+        "--uptrain-freeze",
+        choices=["none", "attention", "kv"],
+        default="none",
+        help="gqa-uptrain's freeze mode for uptraining: train everything (the paper), only the attention "
+        "projections, or only K/V [default: none].",
     )
     p.add_argument(
         "--seed",

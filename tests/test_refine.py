@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from gqa_uptrain.conversion.pipeline import convert
 from gqa_uptrain.errors import ConfigError
 from gqa_uptrain.merging.aligned import CalibratedMerge
-from gqa_uptrain.merging.refine import BlockStore, RefineSpec
+from gqa_uptrain.merging.refine import BlockStore, RefineSpec, _split
 
 
 def _char_ids(text: str) -> torch.Tensor:
@@ -94,6 +94,84 @@ def test_refinement_that_diverges_is_not_kept(trained, tmp_path):
     a = _load(tmp_path / "bad").state_dict()
     b = _load(tmp_path / "closed").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_output_solve_recovers_a_known_output_projection():
+    """Oracle: outputs made by the module with some other output projection ``W``; with the queries,
+    keys and values fixed the output is linear in it, so the least-squares solve finds ``W``."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    from gqa_uptrain.architectures import get_architecture
+    from gqa_uptrain.merging.calibration import MomentAccumulator
+    from gqa_uptrain.merging.refine import _Caught, _relative_error, pack_params, solve_output
+
+    torch.manual_seed(0)
+    cfg = tiny_config("llama", num_heads=4, num_kv_heads=2, hidden=32)
+    att, rope = LlamaAttention(cfg, 0).eval(), LlamaRotaryEmbedding(cfg)
+    config = cfg.to_dict()
+    unit = next(iter(get_architecture(config).attention_modules(
+        [f"model.layers.0.self_attn.{k}" for k, _ in att.named_parameters()]
+    ).values()))  # fmt: skip
+    dims, state = unit.module.dims(config), dict(att.named_parameters())
+    blocks = {s: unit.module.tensors[s].unpack(state[s].detach(), dims) for s in unit.tensors}
+    true_o = 0.2 * torch.randn_like(att.o_proj.weight)
+    calls, outs = [], []
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(2, 16, 32)  # [B, T, hidden]
+            kwargs = {
+                "position_embeddings": rope(x, torch.arange(16)[None].expand(2, 16)),
+                "attention_mask": None,
+            }
+            params = {**pack_params(unit, blocks, config), "o_proj.weight": true_o}
+            outs.append(torch.func.functional_call(att, params, (x,), kwargs)[0])
+            calls.append(((x,), kwargs))
+    caught = _Caught(calls, outs, MomentAccumulator())
+    assert _relative_error(att, pack_params(unit, blocks, config), caught, range(4)) > 0.1
+    solved = solve_output(att, unit, blocks, caught, config, ridge=1e-10)
+    assert solved is not None
+    packed = pack_params(unit, solved, config)
+    torch.testing.assert_close(packed["o_proj.weight"], true_o, atol=1e-4, rtol=1e-4)
+    assert _relative_error(att, packed, caught, range(4)) < 1e-8
+    # Fitted on two batches only, it still finds W (64 tokens > 16 unknowns per output).
+    part = solve_output(att, unit, blocks, caught, config, batches=[0, 1], ridge=1e-10)
+    torch.testing.assert_close(pack_params(unit, part, config)["o_proj.weight"], true_o, atol=1e-4, rtol=1e-4)
+
+
+def test_a_step_size_that_makes_things_worse_backs_off(trained, tmp_path):
+    """A step size far too large for the model makes the first held-out check worse than the closed
+    form; the module starts over at a third of it, and is refined at the smaller step."""
+    folder, calib, _ = trained
+    method = _refined(calib, steps=60, lr=30.0, backoffs=6)
+    convert(folder, tmp_path / "out", 2, method, progress=False)
+    assert all(r.kept and r.backoffs >= 1 and r.lr < 30.0 / 2 for r in method.reports), method.reports
+    assert all(r.error_after < r.error_before for r in method.reports)
+
+
+def test_early_stop_anneals_before_it_stops(trained, tmp_path):
+    """With every check counted as stale (a 99% gain asked for), a module stops at the first check
+    (20 steps); with the anneal it first runs one more check interval at a step decaying to zero."""
+    folder, calib, _ = trained
+    runs = {}
+    for anneal in (False, True):
+        method = _refined(calib, steps=300, patience=1, min_gain=0.99, anneal=anneal)
+        convert(folder, tmp_path / f"out-{anneal}", 2, method, progress=False)
+        assert all(r.kept and r.backoffs == 0 for r in method.reports), method.reports
+        runs[anneal] = [r.steps for r in method.reports]
+    assert runs == {False: [20, 20], True: [40, 40]}
+
+
+def test_held_out_calibration_batches():
+    """A share of the calibration batches is held out (at least one), disjoint from the training
+    ones; with a single batch, or a zero share, nothing is held out."""
+    gen = torch.Generator().manual_seed(0)
+    train, held = _split(16, 0.125, gen)
+    assert len(held) == 2 and sorted(train + held) == list(range(16)) and not set(train) & set(held)
+    assert len(_split(3, 0.125, gen)[1]) == 1
+    assert _split(1, 0.125, gen) == ([0], [])
+    assert _split(8, 0.0, gen) == (list(range(8)), [])
+    with pytest.raises(ValueError, match="validation"):
+        RefineSpec(validation=1.0)
 
 
 def test_identity_at_full_kv_heads(make_model, tmp_path):

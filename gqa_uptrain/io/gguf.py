@@ -132,14 +132,27 @@ def open_gguf(path: Path, name: str) -> Source:
     )
 
 
+def gguf_tokenizer(src: Source) -> Any:
+    """The tokenizer rebuilt from ``src``'s GGUF metadata, built once per source: each build parses
+    the whole file's metadata again (seconds for a 49k-token vocabulary), and a conversion needs it
+    twice (calibration text, and the output's tokenizer files). Raises what transformers raises."""
+    from transformers import AutoTokenizer
+
+    assert src.gguf_file is not None
+    if "tokenizer" not in src.extra:
+        src.extra["tokenizer"] = AutoTokenizer.from_pretrained(
+            src.gguf_file.parent, gguf_file=src.gguf_file.name
+        )
+    return src.extra["tokenizer"]
+
+
 def write_gguf_support_files(src: Source, folder: Path) -> None:
     """Tokenizer and generation config rebuilt from the GGUF metadata, as transformers reads them."""
-    from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig
+    from transformers import GenerationConfig, PretrainedConfig
 
     assert src.gguf_file is not None
     try:
-        tok = AutoTokenizer.from_pretrained(src.gguf_file.parent, gguf_file=src.gguf_file.name)
-        tok.save_pretrained(folder)
+        gguf_tokenizer(src).save_pretrained(folder)
     except Exception as e:  # a model without a usable tokenizer is still a model
         logger.warning("could not rebuild the tokenizer from %s: %s", src.gguf_file.name, e)
     cfg = PretrainedConfig.from_dict({k: v for k, v in src.config.items() if k.endswith("token_id")})

@@ -758,7 +758,9 @@ class CalibratedMerge(BaseMethod):
                 f"reproduce the original's output on the calibration text (up to {self.refine.steps} Adam steps "
                 f"each, {sum(r.steps for r in self.reports):,} in all, {sum(r.seconds for r in self.reports):.0f}s); "
                 f"relative attention-output error {mean([r.error_before for r in self.reports]):.3f} after the "
-                f"closed-form fit, {mean([r.error_after for r in self.reports]):.3f} after refinement (mean over modules)"
+                f"closed-form fit, {mean([r.error_after for r in self.reports]):.3f} after refinement (mean over modules); "
+                f"{self.refine.validation:.1%} of the calibration sequences held out to stop each module early and "
+                f"pick its best weights{self._backoff_note(kept)}"
             )
         elif self.refine is not None and self.fallback:
             notes.append("- **Layer-wise refinement:** not run (the family cannot be run layer by layer)")
@@ -766,6 +768,16 @@ class CalibratedMerge(BaseMethod):
         if self.grouping == "similarity":
             notes.append(f"- Heads permuted into similarity groups in {moved} of {len(self.plans)} modules")
         self.notes = notes
+
+    def _backoff_note(self, kept: list) -> str:
+        """Card text for modules that trained at a backed-off step size, if any."""
+        assert self.refine is not None
+        slow = [r for r in kept if r.backoffs]
+        return (
+            f"; {len(slow)} modules trained at a reduced step size after a first try made them worse"
+            if slow
+            else ""
+        )
 
     def card_notes(self) -> list[str]:
         """Lines for the model card (method, grouping, calibration data and token count)."""

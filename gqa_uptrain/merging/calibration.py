@@ -114,7 +114,9 @@ def load_tokenizer(src: Source) -> Any:
 
     try:
         if src.gguf_file is not None:
-            return AutoTokenizer.from_pretrained(src.gguf_file.parent, gguf_file=src.gguf_file.name)
+            from ..io.gguf import gguf_tokenizer
+
+            return gguf_tokenizer(src)
         return AutoTokenizer.from_pretrained(src.folder)
     except Exception as e:
         raise CheckpointError(

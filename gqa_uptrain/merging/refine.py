@@ -14,9 +14,13 @@ reconstruction as in post-training quantization (BRECQ, OmniQuant) and DHA's lea
 3. Adam trains those head blocks (the shared K/V heads, the query rows and output columns the fit
    folds maps into, biases and K norms where the family has them) to minimise
    ``‖attn'(x) − attn(x)‖² / ‖attn(x)‖²`` over the calibration batches, with a cosine learning
-   rate and an early stop when the loss stops falling; the result is kept only if its error over
-   all calibration batches is below the closed-form start's, so refinement never makes a module
-   worse;
+   rate. A share of the calibration sequences is held out: it stops training once the error there
+   stops falling (a module that has begun to fit the calibration text instead of the function
+   stops, after annealing its step size to zero), picks the best weights seen, and restarts a
+   module at a smaller step when the first check finds it worse than the start. The output
+   projection is then solved by least squares (the output is linear in it once the rest is fixed).
+   The result is kept only if it beats the closed-form start on the held-out sequences and over
+   all of them, so refinement never makes a module worse;
 4. the converted layer ``i`` (refined attention, original everything else) produces the next
    layer's inputs.
 
@@ -61,11 +65,27 @@ logger = logging.getLogger(__name__)
 class RefineSpec:
     """How hard to train each merged attention module (the refinement budget)."""
 
-    steps: int = 300  # most optimizer steps per attention module (early stop usually ends sooner)
-    lr: float = 3e-2  # Adam's peak step, relative to each tensor's RMS (cosine decay to 10% of it)
+    steps: int = 300  # most optimizer steps per attention module (the early stop may end sooner)
+    # Adam's peak step, relative to each tensor's RMS (cosine decay to 10% of it), for a module whose
+    # input is ``reference_width`` wide; a wider module gets ``lr * sqrt(reference_width / width)``:
+    # Adam moves every weight of a row by about the same amount, so the row's output moves about
+    # sqrt(width) times further than one weight's share of it (the 1/sqrt(fan-in) rule of muP).
+    lr: float = 0.1
+    reference_width: int = 128
     batch_size: int = 4  # calibration sequences per step
-    patience: int = 20  # window of steps: stop when a window's mean loss is not 2% below the last one's
+    # Early stop on held-out calibration text: every ``eval_every`` steps the module's error on the
+    # held-out share is measured; training stops after ``patience`` such checks without a 1% gain,
+    # and the best weights seen are kept. This stops a module that has started to fit the
+    # calibration text rather than the function (a small calibration set; a wide model).
+    eval_every: int = 20
+    patience: int = 2
+    min_gain: float = 0.01  # a check "gains" when the held-out error falls by at least this share
+    anneal: bool = True  # before stopping early, decay the step size to zero over ``eval_every`` steps
+    validation: float = 0.125  # share of the calibration sequences held out (at least one batch)
     warmup: int = 10  # linear learning-rate warm-up steps
+    backoffs: int = 2  # restarts at a third of the step size when the first check finds things worse
+    # After training, the output projection is set to its least-squares optimum given the rest.
+    solve_output: bool = True
     # What the converted module is trained to output: ``original``, the original module's output on
     # the original model's own hidden states (so a layer also makes up for the error of the layers
     # before it); ``same-input``, the original module's output on the converted prefix's states.
@@ -76,6 +96,10 @@ class RefineSpec:
             raise ValueError(f"refinement steps must be >= 0, got {self.steps}")
         if self.lr <= 0 or self.batch_size <= 0:
             raise ValueError("refinement lr and batch size must be positive")
+        if self.eval_every <= 0 or self.patience <= 0 or self.backoffs < 0 or self.reference_width <= 0:
+            raise ValueError("refinement eval_every and patience must be positive, backoffs >= 0")
+        if not 0 <= self.validation < 1:
+            raise ValueError(f"refinement validation share must be in [0, 1), got {self.validation}")
         if self.target not in ("original", "same-input"):
             raise ValueError(f"refinement target must be 'original' or 'same-input', not {self.target!r}")
 
@@ -90,6 +114,8 @@ class ModuleReport:
     steps: int
     seconds: float
     kept: bool
+    lr: float = math.nan  # the peak step size the kept weights were trained at (after any back-off)
+    backoffs: int = 0  # restarts at a smaller step size before the kept weights
 
 
 class BlockStore:
@@ -195,6 +221,81 @@ def _relative_error(
     return err / max(float(tot), 1e-30)
 
 
+def _output_weight(unit: ModuleTensors, blocks: HeadBlocks) -> str | None:
+    """The suffix of the module's output-projection weight among ``blocks`` (``o_proj.weight``), if any."""
+    for suffix, parts in blocks.items():
+        packing = unit.module.tensors[suffix]
+        if (
+            packing.kind == "heads"
+            and packing.role == "o"
+            and "{i}" not in suffix
+            and unit.module.tensor_kind(suffix) == "weight"
+            and suffix.endswith(".weight")
+            and set(parts) == {"o"}
+        ):
+            return suffix
+    return None
+
+
+def solve_output(
+    module: torch.nn.Module,
+    unit: ModuleTensors,
+    blocks: HeadBlocks,
+    caught: _Caught,
+    config: dict[str, Any],
+    *,
+    batches: list[int] | None = None,
+    ridge: float = 1e-3,
+) -> HeadBlocks | None:
+    """``blocks`` with the output projection replaced by its least-squares optimum given the rest.
+
+    With the queries, keys and values fixed, the module's output is linear in the output
+    projection: ``y = z @ B + b`` with ``z`` the heads' concatenated outputs ``[tokens, H*d]`` and
+    ``B`` the ``o`` blocks as ``[H*d, hidden]``. So ``B`` has a closed form: the ridge regression of
+    the target on ``z``, pulled toward the current ``B`` (``ridge`` x the mean of ``z``'s second
+    moments), which keeps the weights in range. Returns None when the module has no separate
+    output projection (BERT's lives outside its attention module).
+    """
+    suffix = _output_weight(unit, blocks)
+    if suffix is None:
+        return None
+    proj = module.get_submodule(suffix[: -len(".weight")])
+    b = blocks[suffix]["o"]  # [H, d, hidden]
+    width = b.shape[0] * b.shape[1]
+    zz = torch.zeros(width, width, dtype=torch.float64)
+    zr = torch.zeros(width, b.shape[2], dtype=torch.float64)
+    seen: list[torch.Tensor] = []
+    hook = proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            params = pack_params(unit, blocks, config)
+            for k in range(len(caught.calls)) if batches is None else batches:
+                args, kwargs = caught.calls[k]
+                seen.clear()
+                y = _output(torch.func.functional_call(module, params, args, kwargs))
+                if len(seen) != 1 or seen[0].shape[-1] != width:
+                    return None  # not one plain projection of the concatenated heads
+                z = seen[0].reshape(-1, width).double()
+                zz += z.T @ z
+                zr += z.T @ (caught.outputs[k] - y).reshape(-1, b.shape[2]).double()
+    finally:
+        hook.remove()
+    lam = ridge * float(zz.diagonal().mean()) + 1e-12
+    zz.diagonal().add_(lam)
+    delta = torch.linalg.solve(zz, zr).to(b.dtype)  # [H*d, hidden]: minimises ‖z Δ − r‖² + λ‖Δ‖²
+    out = {s: dict(p) for s, p in blocks.items()}
+    out[suffix] = {"o": (b.detach() + delta.view_as(b))}
+    return out
+
+
+def _split(n: int, share: float, gen: torch.Generator) -> tuple[list[int], list[int]]:
+    """Calibration batch indices ``(train, held_out)``: a random ``share`` held out (at least one
+    batch when there are two or more and ``share`` > 0; none otherwise, then training batches judge)."""
+    k = 0 if n < 2 or share <= 0 else max(1, round(n * share))
+    perm = torch.randperm(n, generator=gen).tolist()
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
 def refine_module(
     module: torch.nn.Module,
     unit: ModuleTensors,
@@ -204,54 +305,113 @@ def refine_module(
     spec: RefineSpec,
 ) -> tuple[HeadBlocks, ModuleReport]:
     """Train ``start``'s head blocks so ``module`` (the converted attention) reproduces ``caught``'s
-    outputs; returns the better of the trained and the starting blocks, and a report."""
+    outputs; returns the better of the trained and the starting blocks, and a report.
+
+    A share of the calibration batches (``spec.validation``) is held out: it decides the early stop,
+    which of the weights seen is kept, and whether refinement is kept at all; the report's errors are
+    over every batch."""
     t0 = time.perf_counter()
-    blocks = {
-        s: {r: t.detach().float().clone().requires_grad_(True) for r, t in p.items()}
-        for s, p in start.items()
-    }
-    leaves = [t for p in blocks.values() for t in p.values()]
     n = len(caught.calls)
-    with torch.no_grad():
-        before = float(_relative_error(module, pack_params(unit, blocks, config), caught, range(n)))
-    # Adam moves each weight by about ``lr`` per step whatever its scale: give each tensor a step
-    # relative to its own RMS, so one setting suits models whose weights differ in scale.
-    scales = [float(t.detach().pow(2).mean().sqrt().clamp_min(1e-8)) for t in leaves]
-    opt = torch.optim.Adam(
-        [{"params": [t], "scale": sc} for t, sc in zip(leaves, scales, strict=True)], lr=spec.lr
-    )
     gen = torch.Generator().manual_seed(0)
-    order: list[int] = []
-    window: list[float] = []
-    last_window = math.inf
-    steps = 0
-    for step in range(spec.steps):
-        # Warm-up, then cosine decay to 10% of the peak: the early stop usually ends it first.
-        warm = min(1.0, (step + 1) / max(spec.warmup, 1))
-        lr = spec.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(spec.steps, 1))))
-        for group in opt.param_groups:
-            group["lr"] = lr * group["scale"]
-        if not order:
-            order = torch.randperm(n, generator=gen).tolist()
-        loss = _relative_error(module, pack_params(unit, blocks, config), caught, [order.pop()])
-        if not math.isfinite(loss.item()):
-            break  # diverged: the closed-form start is kept below
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        steps = step + 1
-        # Early stop: minibatch losses are noisy, so compare means over windows of steps.
-        window.append(loss.item())
-        if len(window) == spec.patience:
-            mean = sum(window) / len(window)
-            if step >= spec.warmup and mean > 0.98 * last_window:
+    train, held = _split(n, spec.validation, gen)
+    judge = held or train
+
+    # The blocks arrive in the checkpoint's dtype (bf16, fp16); the module computes in float32.
+    start32 = {s: {r: t.detach().float() for r, t in p.items()} for s, p in start.items()}
+
+    def error(b: HeadBlocks, batches: list[int] | range) -> float:
+        with torch.no_grad():
+            return float(_relative_error(module, pack_params(unit, b, config), caught, batches))
+
+    def fit(lr: float, floor: float) -> tuple[HeadBlocks | None, float, int, bool]:
+        """Adam from ``start`` at peak step ``lr``: ``(best weights seen, or None if none beat
+        ``floor`` on the held-out batches; their held-out error; steps; whether the first check
+        found the held-out error above the start's)``."""
+        blocks = {s: {r: t.clone().requires_grad_(True) for r, t in p.items()} for s, p in start32.items()}
+        leaves = [t for p in blocks.values() for t in p.values()]
+        # Adam moves each weight by about ``lr`` per step whatever its scale: give each tensor a step
+        # relative to its own RMS, so one setting suits models whose weights differ in scale. A short
+        # second-moment memory (0.95) suits a run of a few hundred steps.
+        scales = [float(t.detach().pow(2).mean().sqrt().clamp_min(1e-8)) for t in leaves]
+        opt = torch.optim.Adam(
+            [{"params": [t], "scale": sc} for t, sc in zip(leaves, scales, strict=True)],
+            lr=lr,
+            betas=(0.9, 0.95),
+        )
+        best: HeadBlocks | None = None
+        best_err, order, stale, steps = floor, [], 0, 0
+        anneal: tuple[int, float] | None = None  # (first step, step size) of the final anneal
+        for step in range(spec.steps):
+            if anneal is not None:  # linear decay to zero over one check interval, then a last check
+                now = anneal[1] * (1 - (step - anneal[0]) / spec.eval_every)
+            else:  # warm-up, then cosine decay to 10% of the peak over the whole budget
+                warm = min(1.0, (step + 1) / max(spec.warmup, 1))
+                now = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(spec.steps, 1))))
+            for group in opt.param_groups:
+                group["lr"] = now * group["scale"]
+            if not order:
+                order = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
+            loss = _relative_error(module, pack_params(unit, blocks, config), caught, [order.pop()])
+            if not math.isfinite(loss.item()):
+                return best, best_err, steps, best is None  # diverged
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps = step + 1
+            annealed = anneal is not None and steps - anneal[0] == spec.eval_every
+            if steps % spec.eval_every and steps != spec.steps and not annealed:
+                continue
+            # Held-out check: keep the best weights seen; stop after ``patience`` checks without a
+            # ``min_gain`` gain (the module has stopped learning the function, or has started to fit the text).
+            current = {s: {r: t.detach().clone() for r, t in p.items()} for s, p in blocks.items()}
+            e = error(current, judge)
+            if best is None and e >= floor and steps == min(spec.eval_every, spec.steps):
+                return None, floor, steps, True  # worse than the start at the first check
+            stale = stale + 1 if e > (1 - spec.min_gain) * best_err else 0
+            if e < best_err:
+                best, best_err = current, e
+            if annealed or (stale >= spec.patience and not spec.anneal):
                 break
-            last_window, window = mean, []
-    with torch.no_grad():
-        after = float(_relative_error(module, pack_params(unit, blocks, config), caught, range(n)))
-    kept = after < before
-    out = {s: {r: t.detach() for r, t in p.items()} for s, p in blocks.items()} if kept else start
-    report = ModuleReport(unit.name, before, after if kept else before, steps, time.perf_counter() - t0, kept)
+            if stale >= spec.patience and anneal is None:
+                # Stopping at a step size near its peak leaves the weights noisy: decay it to zero
+                # first (what a schedule that ends there does), keeping the best weights either way.
+                anneal = (steps, now)
+        return best, best_err, steps, False
+
+    before, before_judged = error(start32, range(n)), error(start32, judge)
+    best, best_judged = start, before_judged
+    width = max((t.shape[-1] for p in start32.values() for t in p.values() if t.dim() >= 3), default=0)
+    lr = spec.lr * min(1.0, math.sqrt(spec.reference_width / width)) if width else spec.lr
+    steps, best_lr, backoffs = 0, math.nan, 0
+    for attempt in range(spec.backoffs + 1):
+        found, err, done, failed = fit(lr, before_judged)
+        steps += done
+        if found is not None:
+            best, best_judged, best_lr, backoffs = found, err, lr, attempt
+        # The step size suits most models, not all: when the first check finds the held-out error
+        # above the start's, start over with a third of it.
+        if not failed:
+            break
+        lr /= 3
+    if spec.solve_output and best is not start:
+        solved = solve_output(module, unit, best, caught, config, batches=train)
+        if solved is not None:
+            e = error(solved, judge)
+            if e < best_judged:
+                best, best_judged = solved, e
+    after = error(best, range(n)) if best is not start else before
+    kept = best is not start and best_judged < before_judged and after < before
+    out = best if kept else start
+    report = ModuleReport(
+        unit.name,
+        before,
+        after if kept else before,
+        steps,
+        time.perf_counter() - t0,
+        kept,
+        best_lr if kept else math.nan,
+        backoffs if kept else 0,
+    )
     return out, report
 
 
