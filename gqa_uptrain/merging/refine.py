@@ -74,8 +74,8 @@ class RefineSpec:
     reference_width: int = 128
     batch_size: int = 4  # calibration sequences per step
     # Early stop on held-out calibration text: every ``eval_every`` steps the module's error on the
-    # held-out share is measured; training stops after ``patience`` such checks without a 1% gain,
-    # and the best weights seen are kept. This stops a module that has started to fit the
+    # held-out share is measured; after ``patience`` such checks without a ``min_gain`` gain training
+    # stops (after the anneal), and the best weights seen are kept. This stops a module that has started to fit the
     # calibration text rather than the function (a small calibration set; a wide model).
     eval_every: int = 20
     patience: int = 2
@@ -97,7 +97,11 @@ class RefineSpec:
         if self.lr <= 0 or self.batch_size <= 0:
             raise ValueError("refinement lr and batch size must be positive")
         if self.eval_every <= 0 or self.patience <= 0 or self.backoffs < 0 or self.reference_width <= 0:
-            raise ValueError("refinement eval_every and patience must be positive, backoffs >= 0")
+            raise ValueError(
+                "refinement eval_every, patience and reference_width must be positive, backoffs >= 0"
+            )
+        if not 0 <= self.min_gain < 1:
+            raise ValueError(f"refinement min_gain must be in [0, 1), got {self.min_gain}")
         if not 0 <= self.validation < 1:
             raise ValueError(f"refinement validation share must be in [0, 1), got {self.validation}")
         if self.target not in ("original", "same-input"):
