@@ -18,36 +18,30 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_convert.py"
 
 
+def _bench(tmp_path: Path, *args: str, timeout: int = 600) -> tuple[str, list[dict]]:
+    """Run the benchmark with ``args`` in ``tmp_path/work``; its stdout and its JSON figures (it must succeed)."""
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--workdir", str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
 @pytest.mark.slow  # three child processes, two of which import torch
 def test_bench_convert_tiny_prints_figures(tmp_path):
     work = tmp_path / "work"
-    out = tmp_path / "figures.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--shape",
-            "tiny",
-            "--layers",
-            "2",
-            "--workdir",
-            str(work),
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = proc.stdout
+    text, figures = _bench(tmp_path, "--shape", "tiny", "--layers", "2", timeout=300)
     for needle in ("copy", "converter", "naive", "MB/s", "peak RSS", "vs copy"):
         assert needle in text
     assert "target: converter throughput >= 0.8x copy:" in text
     assert "target: converter peak RSS < 1.5 GB:" in text
     assert text.count("PASS") + text.count("FAIL") == 2
 
-    runs = {r["route"]: r for r in json.loads(out.read_text())}
+    runs = {r["route"]: r for r in figures}
     assert set(runs) == {"copy", "converter", "naive"}
     for r in runs.values():
         assert r["layers"] == 2 and r["seconds"] > 0 and r["peak_rss"] > 0 and not r["estimated"]
@@ -79,24 +73,17 @@ def test_bench_convert_aligned_prints_memory_and_grouping(tmp_path, python_docs)
     RSS and the growth per layer are printed, and similarity grouping is timed per case with its
     search memory; the mean-pooling targets are still checked."""
     work = tmp_path / "work"
-    out = tmp_path / "figures.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--shape", "tiny", "--layers", "2", "--skip-naive", "--method", "aligned",
-         "--aligned-layers", "1,2", "--calibration", str(python_docs / "tutorial"),
-         "--calibration-tokens", "256", "--calibration-seq-len", "64",
-         "--grouping", "16:2,4", "32:8", "--grouping-hidden", "128", "--workdir", str(work), "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    text, figures = _bench(
+        tmp_path, "--shape", "tiny", "--layers", "2", "--skip-naive", "--method", "aligned",
+        "--aligned-layers", "1,2", "--calibration", str(python_docs / "tutorial"),
+        "--calibration-tokens", "256", "--calibration-seq-len", "64",
+        "--grouping", "16:2,4", "32:8", "--grouping-hidden", "128",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = proc.stdout
     assert text.count("PASS") + text.count("FAIL") == 2  # the converter's targets, unchanged
     assert "aligned (calibration: 256 tokens of real text, seq 64): peak RSS" in text
     assert "aligned peak RSS growth:" in text and "MB per layer from 1 to 2 layers" in text
     assert "--grouping similarity" in text and "search memory" in text
 
-    figures = json.loads(out.read_text())
     aligned = sorted((r for r in figures if r["route"] == "aligned"), key=lambda r: r["layers"])
     assert [r["layers"] for r in aligned] == [1, 2]
     assert all(r["peak_rss"] > 100e6 and r["out_bytes"] > 0 for r in aligned)
@@ -117,23 +104,16 @@ def test_bench_convert_refine_steps_reports_refinement(tmp_path, python_docs):
     beside the closed form; its peak RSS, the RSS after each layer, the Adam steps and their time, and
     the calibration activations it keeps are printed and written to the JSON."""
     work = tmp_path / "work"
-    out = tmp_path / "figures.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--shape", "tiny", "--layers", "1", "--skip-naive", "--method", "aligned",
-         "--refine-steps", "2", "--calibration", str(python_docs / "tutorial"),
-         "--calibration-tokens", "256", "--calibration-seq-len", "64", "--grouping",
-         "--workdir", str(work), "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    text, figures = _bench(
+        tmp_path, "--shape", "tiny", "--layers", "1", "--skip-naive", "--method", "aligned",
+        "--refine-steps", "2", "--calibration", str(python_docs / "tutorial"),
+        "--calibration-tokens", "256", "--calibration-seq-len", "64", "--grouping",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = proc.stdout
     assert "closed form vs layer-wise refinement (--refine-steps 2)" in text
     assert "refinement keeps 3 x 256 tokens x 256 x 4 B = 0.8 MB of calibration activations" in text
     assert "refined vs closed form at 1 layers: peak RSS" in text
 
-    runs = {r["route"]: r for r in json.loads(out.read_text())}
+    runs = {r["route"]: r for r in figures}
     assert {"aligned", "refined"} <= set(runs)
     closed, refined = runs["aligned"]["detail"], runs["refined"]["detail"]
     assert closed["refine_steps"] == 0 and closed["reports"] == [] and closed["per_module"] == []
