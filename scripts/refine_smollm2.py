@@ -19,6 +19,7 @@ import importlib.util
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from refine_args import add_refine_args, refine_spec  # noqa: E402
 
 from gqa_uptrain.conversion.pipeline import convert  # noqa: E402
-from gqa_uptrain.evaluation.precision import round_trip
+from gqa_uptrain.evaluation.precision import FORMATS, rounded, weight_stats  # noqa: E402
 from gqa_uptrain.merging.aligned import CalibratedMerge
 from gqa_uptrain.merging.calibration import CalibrationSpec
 
@@ -73,12 +74,12 @@ def main() -> None:
     text = "\n\n".join((DOCS / folder / f).read_text() for f in files)
     held = torch.tensor(tok(text, add_special_tokens=False)["input_ids"][: 8 * 512]).view(8, 512)
 
-    def ce(folder: Path, fmt: str | None = None, **kw) -> float:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
-        if fmt is not None:
-            round_trip(model, fmt)
+    def model_ce(model: torch.nn.Module) -> float:
         with torch.no_grad():
             return sum(model(b[None], labels=b[None]).loss.item() for b in held) / len(held)
+
+    def ce(folder: Path, **kw) -> float:
+        return model_ce(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval())
 
     def cached(name: str, compute) -> float:
         path = work / f"{name}.ce"
@@ -101,7 +102,7 @@ def main() -> None:
         refine=refine,
     )
     if args.reuse:
-        round_trips(args, gguf, work, ce)
+        round_trips(gguf, work, model_ce)
         return
     t0 = time.perf_counter()
     convert(gguf, work / "out", 1, method, overwrite=True)
@@ -125,25 +126,24 @@ def main() -> None:
             f"of the conversion's {seconds:.0f} s"
         )
     if args.round_trip:
-        round_trips(args, gguf, work, ce)
+        round_trips(gguf, work, model_ce)
 
 
-def round_trips(args: argparse.Namespace, gguf: Path, work: Path, ce) -> None:
+def round_trips(gguf: Path, work: Path, model_ce: Callable[[torch.nn.Module], float]) -> None:
     """Perplexity of the original and of WORK/out after each deployment round trip, and how far it
-    moves from the float weights'; the largest attention weight of each."""
-    from gqa_uptrain.evaluation.precision import weight_stats
-
+    moves from the float weights'; the largest attention weight of each (each model loaded once)."""
     models = {"original": (gguf.parent, {"gguf_file": gguf.name}), "output": (work / "out", {})}
     for name, (folder, kw) in models.items():
-        base = ce(folder, **kw)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
+        base = model_ce(model)
         moves = []
-        for fmt in ("bf16", "q8_0"):
-            c = ce(folder, fmt, **kw)
+        for fmt in FORMATS:
+            with rounded(model, fmt):
+                c = model_ce(model)
             moves.append(f"{fmt} {math.exp(c):.2f} ({100 * (math.exp(c - base) - 1):+.2f}%)")
-        stats = weight_stats(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw))
         print(
             f"{name}: perplexity {math.exp(base):.2f}; {', '.join(moves)}; "
-            f"max attention |w| {stats['attention_max_abs']:.2f}"
+            f"max attention |w| {weight_stats(model)['attention_max_abs']:.2f}"
         )
 
 
