@@ -769,9 +769,9 @@ class CalibratedMerge(BaseMethod):
             notes.append(f"- Heads permuted into similarity groups in {moved} of {len(self.plans)} modules")
         self.notes = notes
 
-    def _backoff_note(self, kept: list) -> str:
+    @staticmethod
+    def _backoff_note(kept: list[ModuleReport]) -> str:
         """Card text for modules that trained at a backed-off step size, if any."""
-        assert self.refine is not None
         slow = [r for r in kept if r.backoffs]
         return (
             f"; {len(slow)} modules trained at a reduced step size after a first try made them worse"

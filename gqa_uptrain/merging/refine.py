@@ -74,9 +74,10 @@ class RefineSpec:
     reference_width: int = 128
     batch_size: int = 4  # calibration sequences per step
     # Early stop on held-out calibration text: every ``eval_every`` steps the module's error on the
-    # held-out share is measured; after ``patience`` such checks without a ``min_gain`` gain training
-    # stops (after the anneal), and the best weights seen are kept. This stops a module that has started to fit the
-    # calibration text rather than the function (a small calibration set; a wide model).
+    # held-out share is measured; after ``patience`` such checks without a ``min_gain`` gain, training
+    # stops (after the anneal) and the best weights seen are kept. This stops a module that has
+    # started to fit the calibration text rather than the function (a small calibration set; a wide
+    # model).
     eval_every: int = 20
     patience: int = 2
     min_gain: float = 0.01  # a check "gains" when the held-out error falls by at least this share
@@ -493,8 +494,7 @@ def refine_layers(
                 "" if report.kept else " (not kept)",
             )
         del caught, starts
-        done = set(attn_names)
-        conv_layer = walk.load_layer(i, conv_model, skip=done)
+        conv_layer = walk.load_layer(i, conv_model, skip=set(attn_names))
         for b in range(len(walk.states)):
             walk.states[b] = walk.run(conv_layer, b, walk.states[b])
         conv_layer.to("meta")
