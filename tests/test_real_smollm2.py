@@ -65,3 +65,23 @@ def test_gguf_conversion_is_exact_against_transformers_gguf_loader(converted, he
                 w = proj.weight.view(3, 64, -1)
                 proj.weight.copy_(w.mean(0, keepdim=True).expand_as(w).reshape(proj.weight.shape))
         torch.testing.assert_close(conv(ids).logits, orig(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_name_map_is_the_same_with_cached_tables(smollm2_gguf):
+    """The GGUF reader builds llama.cpp's name table once per (architecture, layers) while mapping
+    names (``_cached_tensor_name_maps``): the map equals transformers' uncached one, and ``gguf``'s
+    function is restored afterwards."""
+    import gguf
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    from gqa_uptrain.io.checkpoint import open_source
+
+    original = gguf.get_tensor_name_map
+    src = open_source(str(smollm2_gguf))
+    assert gguf.get_tensor_name_map is original
+    reader = src.reader
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.for_model(**src.config))
+    assert get_gguf_hf_weights_map(skeleton, reader._processor) == reader._names
+    assert len(reader._names) >= 272

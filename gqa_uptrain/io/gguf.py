@@ -8,7 +8,11 @@ same code ``from_pretrained(..., gguf_file=...)`` uses, so both routes give the 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,30 +27,32 @@ logger = logging.getLogger(__name__)
 # The dtype a conversion writes by default for a GGUF whose weights are of this type; any quantized
 # type (Q4_1, Q8_0, K-quants, ...) gets bfloat16.
 NATURAL_DTYPES = {"F32": "float32", "F64": "float32", "F16": "float16", "BF16": "bfloat16"}
+_NAME_MAP_LOCK = threading.Lock()
 
 
 class GGUFReader:
     """Reads and dequantizes GGUF tensors one at a time, under their Hugging Face names."""
 
-    def __init__(self, path: Path, config):
+    def __init__(self, path: Path, config, parsed_config: dict[str, Any]):
+        """``config``: the model's config; ``parsed_config``: the ``config`` part of what
+        ``load_gguf_checkpoint`` parsed from the file (its tensor processors take that form)."""
         import gguf
         from transformers import AutoModelForCausalLM
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
             TensorProcessor,
             get_gguf_hf_weights_map,
-            load_gguf_checkpoint,
         )
 
         self._dequantize = gguf.dequantize
         self._reader = gguf.GGUFReader(path)
-        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-        arch = parsed["config"].get("model_type")
-        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+        arch = parsed_config.get("model_type")
+        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed_config)
         # The name map is computed from a weightless model skeleton on the meta device.
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-        self._names = get_gguf_hf_weights_map(skeleton, self._processor)
+        with _cached_tensor_name_maps():
+            self._names = get_gguf_hf_weights_map(skeleton, self._processor)
         self._tensors = {}
         self._infos = []
         for t in self._reader.tensors:
@@ -95,12 +101,35 @@ class GGUFReader:
         pass
 
 
+@contextlib.contextmanager
+def _cached_tensor_name_maps() -> Iterator[None]:
+    """Within the block, ``gguf.get_tensor_name_map`` returns one table per (architecture, layers).
+
+    transformers' ``get_gguf_hf_weights_map`` walks the model module by module and builds llama.cpp's
+    whole name table afresh for each (about 400 builds for SmolLM2: 5.5 of a conversion's seconds).
+    The table is only read, so one per arguments gives the same map. Should transformers stop
+    looking the function up in ``gguf`` at call time, this only stops saving the time."""
+    import gguf
+
+    with _NAME_MAP_LOCK:  # two conversions in threads must not restore each other's patch
+        original = gguf.get_tensor_name_map
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+        try:
+            yield
+        finally:
+            gguf.get_tensor_name_map = original
+
+
 def open_gguf(path: Path, name: str) -> Source:
     """Open a GGUF file as a :class:`~gqa_uptrain.io.tensors.Source` (config from its metadata)."""
     try:
         from transformers import AutoConfig
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        # Parsed once, here: the metadata of a 49k-token vocabulary takes seconds to parse, and
+        # ``AutoConfig.from_pretrained(gguf_file=...)`` would parse it again to build the same config.
+        parsed = dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
+        config = AutoConfig.for_model(**parsed)
     except Exception as e:  # gguf raises plain ValueError/struct errors on corrupt or truncated files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
@@ -115,7 +144,7 @@ def open_gguf(path: Path, name: str) -> Source:
     arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config_dict.get("model_type", ""))
     if arch and not config_dict.get("architectures"):
         config_dict["architectures"] = [arch]
-    reader = GGUFReader(path, config)
+    reader = GGUFReader(path, config, parsed)
     weight_type = reader.weight_type()
     # Tensors are dequantized to float32 when read; what is written by default is the narrowest
     # float that holds the file's weights: a quantized GGUF in bfloat16 (its blocks carry far less
