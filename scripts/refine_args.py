@@ -16,6 +16,12 @@ def add_refine_args(p: argparse.ArgumentParser) -> None:
         help="most Adam steps per module (0: closed form)",
     )
     p.add_argument(
+        "--max-epochs",
+        type=float,
+        default=RefineSpec.max_epochs,
+        help="most passes over the training batches per module",
+    )
+    p.add_argument(
         "--lr",
         type=float,
         default=RefineSpec.lr,
@@ -38,6 +44,7 @@ def add_refine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-solve-output", action="store_true", help="skip the output projection's least squares"
     )
+    p.add_argument("--no-autocast", action="store_true", help="train in float32 even where bf16 is native")
 
 
 def refine_spec(args: argparse.Namespace) -> RefineSpec | None:
@@ -46,6 +53,7 @@ def refine_spec(args: argparse.Namespace) -> RefineSpec | None:
         return None
     return RefineSpec(
         steps=args.refine_steps,
+        max_epochs=args.max_epochs,
         lr=args.lr,
         batch_size=args.batch_size,
         target=args.target,
@@ -54,4 +62,5 @@ def refine_spec(args: argparse.Namespace) -> RefineSpec | None:
         eval_every=args.eval_every,
         validation=args.validation,
         solve_output=not args.no_solve_output,
+        autocast=not args.no_autocast,
     )

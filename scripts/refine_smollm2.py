@@ -50,7 +50,8 @@ def main() -> None:
     p.add_argument(
         "--score-validation",
         action="store_true",
-        help="score on howto/ guides instead of the held-out tutorial/ text (to choose settings)",
+        help="also score on howto/ guides, the validation text settings are chosen on (the held-out "
+        "tutorial/ text is for reporting them)",
     )
     p.add_argument(
         "--round-trip",
@@ -70,31 +71,38 @@ def main() -> None:
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    folder, files = ("howto", VALIDATION) if args.score_validation else ("tutorial", HELD_OUT)
-    text = "\n\n".join((DOCS / folder / f).read_text() for f in files)
-    held = torch.tensor(tok(text, add_special_tokens=False)["input_ids"][: 8 * 512]).view(8, 512)
+    texts = {"": ("tutorial", HELD_OUT)} | (
+        {"-validation": ("howto", VALIDATION)} if args.score_validation else {}
+    )
+    sets = {}
+    for tag, (folder, files) in texts.items():
+        text = "\n\n".join((DOCS / folder / f).read_text() for f in files)
+        sets[tag] = torch.tensor(tok(text, add_special_tokens=False)["input_ids"][: 8 * 512]).view(8, 512)
 
-    def model_ce(model: torch.nn.Module) -> float:
+    def set_ce(model: torch.nn.Module, held: torch.Tensor) -> float:
         with torch.no_grad():
             return sum(model(b[None], labels=b[None]).loss.item() for b in held) / len(held)
 
-    def ce(folder: Path, **kw) -> float:
+    def model_ce(model: torch.nn.Module) -> dict[str, float]:
+        return {tag: set_ce(model, held) for tag, held in sets.items()}
+
+    def ce(folder: Path, **kw) -> dict[str, float]:
         return model_ce(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval())
 
-    def cached(name: str, compute) -> float:
-        path = work / f"{name}.ce"
-        if not path.exists():
-            path.write_text(str(compute()))
-        return float(path.read_text())
+    def cached(name: str, compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+        paths = {tag: work / f"{name}{tag}.ce" for tag in sets}
+        if not all(path.exists() for path in paths.values()):
+            for tag, value in compute().items():
+                paths[tag].write_text(str(value))
+        return {tag: float(path.read_text()) for tag, path in paths.items()}
 
-    tag = "-validation" if args.score_validation else ""
-    orig = cached(f"original{tag}", lambda: ce(gguf.parent, gguf_file=gguf.name))
+    orig = cached("original", lambda: ce(gguf.parent, gguf_file=gguf.name))
 
-    def mean_ce() -> float:
+    def mean_ce() -> dict[str, float]:
         convert(gguf, work / "mean", 1, "mean", progress=False, overwrite=True)
         return ce(work / "mean")
 
-    mean = cached(f"mean{tag}", mean_ce)
+    mean = cached("mean", mean_ce)
     refine = refine_spec(args)
     method = CalibratedMerge(
         "aligned",
@@ -102,18 +110,21 @@ def main() -> None:
         refine=refine,
     )
     if args.reuse:
-        round_trips(gguf, work, model_ce)
+        round_trips(gguf, work, set_ce, sets[""])
         return
     t0 = time.perf_counter()
     convert(gguf, work / "out", 1, method, overwrite=True)
     seconds = time.perf_counter() - t0
-    c = ce(work / "out")
+    out = ce(work / "out")
     print(
-        f"refine steps {args.refine_steps}, lr {args.lr}, batch {args.batch_size}, target {args.target}, "
-        f"{args.calibration_tokens} calibration tokens: perplexity {math.exp(c):.2f} (original "
-        f"{math.exp(orig):.2f}, mean pooling {math.exp(mean):,.0f}); removed {(mean - c) / (mean - orig):.1%} "
-        f"of mean pooling's added cross-entropy; conversion {seconds:.0f} s"
+        f"{refine or 'closed form'}, {args.calibration_tokens} calibration tokens: conversion {seconds:.0f} s"
     )
+    for tag, c in out.items():
+        print(
+            f"  {'validation' if tag else 'held-out'}: perplexity {math.exp(c):.2f} (original "
+            f"{math.exp(orig[tag]):.2f}, mean pooling {math.exp(mean[tag]):,.0f}); removed "
+            f"{(mean[tag] - c) / (mean[tag] - orig[tag]):.1%} of mean pooling's added cross-entropy"
+        )
     if method.reports:
         print(
             "per-module error before>after/steps@lr:",
@@ -126,20 +137,22 @@ def main() -> None:
             f"of the conversion's {seconds:.0f} s"
         )
     if args.round_trip:
-        round_trips(gguf, work, model_ce)
+        round_trips(gguf, work, set_ce, sets[""])
 
 
-def round_trips(gguf: Path, work: Path, model_ce: Callable[[torch.nn.Module], float]) -> None:
-    """Perplexity of the original and of WORK/out after each deployment round trip, and how far it
-    moves from the float weights'; the largest attention weight of each (each model loaded once)."""
+def round_trips(
+    gguf: Path, work: Path, set_ce: Callable[[torch.nn.Module, torch.Tensor], float], held: torch.Tensor
+) -> None:
+    """Held-out perplexity of the original and of WORK/out after each deployment round trip, and how
+    far it moves from the float weights'; the largest attention weight of each (each model loaded once)."""
     models = {"original": (gguf.parent, {"gguf_file": gguf.name}), "output": (work / "out", {})}
     for name, (folder, kw) in models.items():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
-        base = model_ce(model)
+        base = set_ce(model, held)
         moves = []
         for fmt in FORMATS:
             with rounded(model, fmt):
-                c = model_ce(model)
+                c = set_ce(model, held)
             moves.append(f"{fmt} {math.exp(c):.2f} ({100 * (math.exp(c - base) - 1):+.2f}%)")
         print(
             f"{name}: perplexity {math.exp(base):.2f}; {', '.join(moves)}; "

@@ -161,6 +161,47 @@ def test_early_stop_anneals_before_it_stops(trained, tmp_path):
     assert runs == {False: [20, 20], True: [40, 40]}
 
 
+def test_budget_is_capped_at_max_epochs(trained, tmp_path):
+    """A module makes at most ``max_epochs`` passes over its training batches: 32 calibration
+    sequences in batches of 4 are 8 batches, one held out, so 2 passes are 14 steps of the 300."""
+    folder, calib, _ = trained
+    method = _refined(calib, steps=300, max_epochs=2, patience=100, backoffs=0)
+    convert(folder, tmp_path / "out", 2, method, progress=False)
+    assert [r.steps for r in method.reports] == [14, 14]
+    assert all(r.kept for r in method.reports), method.reports
+    with pytest.raises(ValueError, match="max_epochs"):
+        RefineSpec(max_epochs=0)
+
+
+def test_wide_modules_train_in_bf16_autocast_where_native(make_model, tmp_path, monkeypatch):
+    """Modules at least ``AUTOCAST_MIN_WIDTH`` wide train under bf16 autocast where the hardware
+    computes bf16 natively (declared so here, so the test runs on any CPU): the trained weights then
+    differ from float32 training and are still never worse than the closed form. Narrower modules,
+    and ``autocast=False``, train in float32 (bit for bit the same weights)."""
+    from gqa_uptrain.merging import refine
+
+    assert isinstance(refine.bf16_native(torch.device("cpu")), bool)
+    assert refine.bf16_native(torch.device("meta")) is False
+    monkeypatch.setattr(refine, "bf16_native", lambda device: True)
+    calib = torch.randint(3, 128, (8, 32))
+    outputs = {}
+    for hidden in (64, refine.AUTOCAST_MIN_WIDTH):
+        folder, _ = make_model("llama", hidden=hidden, num_heads=8, num_kv_heads=8)
+        for autocast in (False, True):
+            method = _refined(calib, steps=20, autocast=autocast)
+            out = tmp_path / f"out-{hidden}-{autocast}"
+            convert(folder, out, 2, method, progress=False)
+            assert all(r.error_after <= r.error_before for r in method.reports), method.reports
+            wide = autocast and hidden >= refine.AUTOCAST_MIN_WIDTH
+            assert [r.bf16 for r in method.reports] == [wide, wide]
+            assert ("bf16 autocast" in (out / "README.md").read_text()) == wide  # the card says so
+            outputs[hidden, autocast] = _load(out).state_dict()
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(outputs[64, False], outputs[64, True])
+    wide = refine.AUTOCAST_MIN_WIDTH
+    assert not same(outputs[wide, False], outputs[wide, True])
+
+
 def test_held_out_calibration_batches():
     """A share of the calibration batches is held out (at least one), disjoint from the training
     ones; with a single batch, or a zero share, nothing is held out."""
@@ -272,11 +313,22 @@ def test_cli_refines_by_default_with_calibration(make_model, tmp_path):
         "512",
     ]
     res = CliRunner().invoke(
-        app, [*common[:1], str(tmp_path / "out"), *common[1:], "--refine-steps", "5", "-q"]
+        app,
+        [
+            *common[:1],
+            str(tmp_path / "out"),
+            *common[1:],
+            "--refine-steps",
+            "5",
+            "--calibration-seq-len",
+            "32",
+            "-q",
+        ],
     )
     assert res.exit_code == 0, res.output
     card = (tmp_path / "out" / "README.md").read_text()
     assert "refinement" in card.lower()
+    assert "512 tokens (16 × 32)" in card  # --calibration-seq-len cuts the blocks
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_key_value_heads"] == 2
     res = CliRunner().invoke(
         app, [*common[:1], str(tmp_path / "o2"), *common[1:], "--no-refine", "--refine-steps", "5"]

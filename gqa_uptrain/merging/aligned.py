@@ -756,7 +756,9 @@ class CalibratedMerge(BaseMethod):
             notes.append(
                 f"- **Layer-wise refinement:** {len(kept)} of {len(self.reports)} attention modules trained to "
                 f"reproduce the original's output on the calibration text (up to {self.refine.steps} Adam steps "
-                f"each, {sum(r.steps for r in self.reports):,} in all, {sum(r.seconds for r in self.reports):.0f}s); "
+                f"and {self.refine.max_epochs:g} passes over the calibration batches each, "
+                f"{sum(r.steps for r in self.reports):,} steps in all, {sum(r.seconds for r in self.reports):.0f}s"
+                f"{', in bf16 autocast' if any(r.bf16 for r in self.reports) else ''}); "
                 f"relative attention-output error {mean([r.error_before for r in self.reports]):.3f} after the "
                 f"closed-form fit, {mean([r.error_after for r in self.reports]):.3f} after refinement (mean over modules); "
                 f"{self.refine.validation:.1%} of the calibration sequences held out to stop each module early and "

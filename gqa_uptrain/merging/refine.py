@@ -14,7 +14,8 @@ reconstruction as in post-training quantization (BRECQ, OmniQuant) and DHA's lea
 3. Adam trains those head blocks (the shared K/V heads, the query rows and output columns the fit
    folds maps into, biases and K norms where the family has them) to minimise
    ``‖attn'(x) − attn(x)‖² / ‖attn(x)‖²`` over the calibration batches, with a cosine learning
-   rate. A share of the calibration sequences is held out: it stops training once the error there
+   rate, for a bounded number of steps and passes over the batches (bf16 autocast where the
+   hardware computes it natively and the module is wide enough to gain from it). A share of the calibration sequences is held out: it stops training once the error there
    stops falling (a module that has begun to fit the calibration text instead of the function
    stops, after annealing its step size to zero), picks the best weights seen, and restarts a
    module at a smaller step when the first check finds it worse than the start. The output
@@ -60,12 +61,18 @@ from .methods import HeadBlocks
 
 logger = logging.getLogger(__name__)
 
+AUTOCAST_MIN_WIDTH = 512  # narrowest module trained in bf16 autocast (``RefineSpec.autocast``)
+
 
 @dataclass(frozen=True)
 class RefineSpec:
     """How hard to train each merged attention module (the refinement budget)."""
 
     steps: int = 300  # most optimizer steps per attention module (the early stop may end sooner)
+    # ... and at most this many passes over the training batches: with little calibration text the
+    # later passes fit the text rather than the function (the held-out stop catches that, but late,
+    # at a step size still near its peak); the schedule is laid over the shorter budget.
+    max_epochs: float = 20.0
     # Adam's peak step, relative to each tensor's RMS (cosine decay to 10% of it), for a module whose
     # input is ``reference_width`` wide; a wider module gets ``lr * sqrt(reference_width / width)``:
     # Adam moves every weight of a row by about the same amount, so the row's output moves about
@@ -73,6 +80,11 @@ class RefineSpec:
     lr: float = 0.1
     reference_width: int = 128
     batch_size: int = 4  # calibration sequences per step
+    # The training forward and backward in bfloat16 autocast for modules at least
+    # ``AUTOCAST_MIN_WIDTH`` wide where the hardware computes bf16 natively (CUDA with bf16, CPUs
+    # with AVX512-BF16 or AMX): 12% faster per SmolLM2 module on such a CPU, the same result (the
+    # weights, the error checks, the kept weights and the output solve stay in float32).
+    autocast: bool = True
     # Early stop on held-out calibration text: every ``eval_every`` steps the module's error on the
     # held-out share is measured; after ``patience`` such checks without a ``min_gain`` gain, training
     # stops (after the anneal) and the best weights seen are kept. This stops a module that has
@@ -95,6 +107,8 @@ class RefineSpec:
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"refinement steps must be >= 0, got {self.steps}")
+        if self.max_epochs <= 0:
+            raise ValueError(f"refinement max_epochs must be positive, got {self.max_epochs}")
         if self.lr <= 0 or self.batch_size <= 0:
             raise ValueError("refinement lr and batch size must be positive")
         if self.eval_every <= 0 or self.patience <= 0 or self.backoffs < 0 or self.reference_width <= 0:
@@ -121,6 +135,7 @@ class ModuleReport:
     kept: bool
     lr: float = math.nan  # the peak step size the kept weights were trained at (after any back-off)
     backoffs: int = 0  # restarts at a smaller step size before the kept weights
+    bf16: bool = False  # trained in bfloat16 autocast (``RefineSpec.autocast``)
 
 
 class BlockStore:
@@ -293,6 +308,18 @@ def solve_output(
     return out
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products natively (faster than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # oneDNN's bf16 kernels need AVX512-BF16 or AMX; elsewhere bf16 is emulated and slower.
+        # torch exposes the check only as an operator; without it, assume emulation (float32 then).
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(torch.backends.mkldnn.is_available() and check is not None and check())
+    return False
+
+
 def _split(n: int, share: float, gen: torch.Generator) -> tuple[list[int], list[int]]:
     """Calibration batch indices ``(train, held_out)``: a random ``share`` held out (at least one
     batch when there are two or more and ``share`` > 0; none otherwise, then training batches judge)."""
@@ -320,9 +347,14 @@ def refine_module(
     gen = torch.Generator().manual_seed(0)
     train, held = _split(n, spec.validation, gen)
     judge = held or train
+    budget = min(spec.steps, max(1, math.ceil(spec.max_epochs * len(train))))
 
     # The blocks arrive in the checkpoint's dtype (bf16, fp16); the module computes in float32.
     start32 = {s: {r: t.detach().float() for r, t in p.items()} for s, p in start.items()}
+    width = max((t.shape[-1] for p in start32.values() for t in p.values() if t.dim() >= 3), default=0)
+    device = caught.outputs[0].device if caught.outputs else torch.device("cpu")
+    # Below a few hundred wide the casts cost more than bf16 saves (twice the time at width 128).
+    fast = spec.autocast and width >= AUTOCAST_MIN_WIDTH and bf16_native(device)
 
     def error(b: HeadBlocks, batches: list[int] | range) -> float:
         with torch.no_grad():
@@ -346,17 +378,18 @@ def refine_module(
         best: HeadBlocks | None = None
         best_err, order, stale, steps = floor, [], 0, 0
         anneal: tuple[int, float] | None = None  # (first step, step size) of the final anneal
-        for step in range(spec.steps):
+        for step in range(budget):
             if anneal is not None:  # linear decay to zero over one check interval, then a last check
                 now = anneal[1] * (1 - (step - anneal[0]) / spec.eval_every)
             else:  # warm-up, then cosine decay to 10% of the peak over the whole budget
                 warm = min(1.0, (step + 1) / max(spec.warmup, 1))
-                now = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(spec.steps, 1))))
+                now = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / budget)))
             for group in opt.param_groups:
                 group["lr"] = now * group["scale"]
             if not order:
                 order = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
-            loss = _relative_error(module, pack_params(unit, blocks, config), caught, [order.pop()])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+                loss = _relative_error(module, pack_params(unit, blocks, config), caught, [order.pop()])
             if not math.isfinite(loss.item()):
                 return best, best_err, steps, best is None  # diverged
             opt.zero_grad(set_to_none=True)
@@ -364,13 +397,13 @@ def refine_module(
             opt.step()
             steps = step + 1
             annealed = anneal is not None and steps - anneal[0] == spec.eval_every
-            if steps % spec.eval_every and steps != spec.steps and not annealed:
+            if steps % spec.eval_every and steps != budget and not annealed:
                 continue
             # Held-out check: keep the best weights seen; stop after ``patience`` checks without a
             # ``min_gain`` gain (the module has stopped learning the function, or has started to fit the text).
             current = {s: {r: t.detach().clone() for r, t in p.items()} for s, p in blocks.items()}
             e = error(current, judge)
-            if best is None and e >= floor and steps == min(spec.eval_every, spec.steps):
+            if best is None and e >= floor and steps == min(spec.eval_every, budget):
                 return None, floor, steps, True  # worse than the start at the first check
             stale = stale + 1 if e > (1 - spec.min_gain) * best_err else 0
             if e < best_err:
@@ -385,7 +418,6 @@ def refine_module(
 
     before, before_judged = error(start32, range(n)), error(start32, judge)
     best, best_judged = start, before_judged
-    width = max((t.shape[-1] for p in start32.values() for t in p.values() if t.dim() >= 3), default=0)
     lr = spec.lr * min(1.0, math.sqrt(spec.reference_width / width)) if width else spec.lr
     steps, best_lr, backoffs = 0, math.nan, 0
     for attempt in range(spec.backoffs + 1):
@@ -416,6 +448,7 @@ def refine_module(
         kept,
         best_lr if kept else math.nan,
         backoffs if kept else 0,
+        fast,
     )
     return out, report
 
