@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from ..io.outputs import format_bytes
-from ..merging.calibration import DEFAULT_TOKENS
+from ..merging.calibration import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
 from ..merging.grouping import GROUPINGS
 from ..merging.methods import METHODS
 from ._common import console, main_for, make_app, run_command, setup_logging
@@ -87,11 +87,12 @@ def convert(
         str | None,
         typer.Option(
             help="Text to calibrate on: a local text file or folder (.txt/.md/.rst), or a dataset spec as "
-            "in gqa-uptrain. Needed by --method aligned and --grouping similarity. Cost: about one "
-            "forward pass of the original model over the calibration tokens plus a small fit per layer; "
-            "memory: one decoder layer plus the activations of the calibration tokens "
-            "(tokens × hidden size × 4 bytes), whatever the model size. Example: SmolLM2-135M with "
-            "16k tokens takes about 3 minutes on 2 CPU cores.",
+            "in gqa-uptrain. Needed by --method aligned and --grouping similarity. Cost: about two "
+            "forward passes of the model over the calibration tokens, a closed-form fit per layer, and "
+            "the refinement (--refine-steps); memory: one decoder layer plus the activations of the "
+            "calibration tokens (tokens × hidden size × 4 bytes), whatever the model size. Example: "
+            "SmolLM2-135M 3 → 1 with --calibration-tokens 8192 --calibration-seq-len 256 takes 210 s "
+            "on 2 CPU cores.",
             rich_help_panel=CAL,
             show_default=False,
         ),
@@ -104,6 +105,16 @@ def convert(
             min=1,
         ),
     ] = DEFAULT_TOKENS,
+    calibration_seq_len: Annotated[
+        int,
+        typer.Option(
+            help="Length of the calibration blocks the text is cut into (at most the model's context). "
+            "Longer blocks show the fit longer-range attention; refinement trains on batches of 4 blocks, "
+            "so its steps cost more (SmolLM2: 256 → 512 more than doubles a step).",
+            rich_help_panel=CAL,
+            min=2,
+        ),
+    ] = DEFAULT_SEQ_LEN,
     grouping: Annotated[
         Grouping,
         typer.Option(
@@ -135,10 +146,11 @@ def convert(
         int | None,
         typer.Option(
             help="Refinement budget: most Adam steps per attention layer (each on a batch of 4 calibration "
-            "sequences; an eighth of the sequences is held out, and a layer stops early once its error there "
-            "stops falling). Default 300: on the reproduction's model at H/4 it removes 97.7% of what mean "
-            "pooling loses. Time grows with it: SmolLM2 3 → 1 on 2 CPU cores takes 344 s at 300 steps (91% "
-            "removed; 18 of 30 layers stop after 100-180). Implies --refine.",
+            "blocks; an eighth of the blocks is held out, and a layer stops early once its error there "
+            "stops falling), and never more than 20 passes over the training batches. Default 300: on the "
+            "reproduction's model at H/4 it removes 97.7% of what mean pooling loses. Time grows with it: "
+            "SmolLM2 3 → 1 with --calibration-tokens 8192 --calibration-seq-len 256 takes 210 s on 2 CPU "
+            "cores (140 steps per layer: the 20-pass cap; 90.6% removed). Implies --refine.",
             rich_help_panel=CAL,
             min=0,
             show_default=False,
@@ -253,6 +265,7 @@ def convert(
             method_name,
             calibration=calibration,
             calibration_tokens=calibration_tokens if calibration else None,
+            calibration_seq_len=calibration_seq_len if calibration else None,
             grouping=grouping.value,
             refine=refine_arg,
             revision=revision,
