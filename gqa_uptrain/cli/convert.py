@@ -92,7 +92,7 @@ def convert(
             "the refinement (--refine-steps); memory: one decoder layer plus the activations of the "
             "calibration tokens (tokens × hidden size × 4 bytes), whatever the model size. Example: "
             "SmolLM2-135M 3 → 1 with --calibration-tokens 8192 --calibration-seq-len 256 takes 210 s "
-            "on 2 CPU cores.",
+            "on 2 CPU cores (90.6% of mean pooling's loss removed); at the defaults about 22 minutes (95.0%).",
             rich_help_panel=CAL,
             show_default=False,
         ),

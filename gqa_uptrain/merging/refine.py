@@ -14,11 +14,12 @@ reconstruction as in post-training quantization (BRECQ, OmniQuant) and DHA's lea
 3. Adam trains those head blocks (the shared K/V heads, the query rows and output columns the fit
    folds maps into, biases and K norms where the family has them) to minimise
    ``‖attn'(x) − attn(x)‖² / ‖attn(x)‖²`` over the calibration batches, with a cosine learning
-   rate, for a bounded number of steps and passes over the batches (bf16 autocast where the
-   hardware computes it natively and the module is wide enough to gain from it). A share of the calibration sequences is held out: it stops training once the error there
-   stops falling (a module that has begun to fit the calibration text instead of the function
-   stops, after annealing its step size to zero), picks the best weights seen, and restarts a
-   module at a smaller step when the first check finds it worse than the start. The output
+   rate, for a bounded number of steps and passes over the batches (in bf16 autocast where the
+   hardware computes it natively and the module is wide enough to gain from it). A share of the
+   calibration sequences is held out: it stops training once the error there stops falling (a
+   module that has begun to fit the calibration text instead of the function stops, after
+   annealing its step size to zero), picks the best weights seen, and restarts a module at a
+   smaller step when the first check finds it worse than the start. The output
    projection is then solved by least squares (the output is linear in it once the rest is fixed).
    The result is kept only if it beats the closed-form start on the held-out sequences and over
    all of them, so refinement never makes a module worse;
@@ -81,9 +82,9 @@ class RefineSpec:
     reference_width: int = 128
     batch_size: int = 4  # calibration sequences per step
     # The training forward and backward in bfloat16 autocast for modules at least
-    # ``AUTOCAST_MIN_WIDTH`` wide where the hardware computes bf16 natively (CUDA with bf16, CPUs
-    # with AVX512-BF16 or AMX): 12% faster per SmolLM2 module on such a CPU, the same result (the
-    # weights, the error checks, the kept weights and the output solve stay in float32).
+    # ``AUTOCAST_MIN_WIDTH`` wide on a CPU that computes bf16 natively (AVX512-BF16 or AMX): 12%
+    # faster per SmolLM2 module there, the same result (the weights, the error checks, the kept
+    # weights and the output solve stay in float32).
     autocast: bool = True
     # Early stop on held-out calibration text: every ``eval_every`` steps the module's error on the
     # held-out share is measured; after ``patience`` such checks without a ``min_gain`` gain, training
@@ -309,9 +310,8 @@ def solve_output(
 
 
 def bf16_native(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 matrix products natively (faster than float32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    """Whether ``device`` computes bfloat16 matrix products natively (faster than float32); the layer
+    walk runs on the CPU, so other devices answer False."""
     if device.type == "cpu":
         # oneDNN's bf16 kernels need AVX512-BF16 or AMX; elsewhere bf16 is emulated and slower.
         # torch exposes the check only as an operator; without it, assume emulation (float32 then).
