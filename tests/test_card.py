@@ -141,6 +141,40 @@ def test_quality_sentences():
     assert "(+16%)" in section(14.0) and "within 10%" in section(12.5)
 
 
+def test_refined_mqa_and_weight_range_sentences():
+    """A refined MQA conversion is not called unusable (it is measured close to the original); the
+    merged weights' range against the source's is stated, with a warning past 10x."""
+    refined = conversion_section(_result("aligned", 1, extra={"refined_modules": 2}))
+    assert "**Measure before use.**" in refined and "Not usable" not in refined
+    assert "16.8 after refinement" in refined
+    assert "Weight range" not in refined  # no range measured, none stated
+    ok = conversion_section(
+        _result("aligned", 2, extra={"attention_max_abs": {"source": 5.0, "output": 6.5}})
+    )
+    assert "largest merged attention weight is 6.5 against 5 in the source (1.30×), within" in ok
+    assert "--round-trip q8_0" in ok
+    bad = conversion_section(
+        _result("aligned", 2, extra={"attention_max_abs": {"source": 5.0, "output": 2576.0}})
+    )
+    assert "(515.20×), **far outside the source's range" in bad
+
+
+def test_conversion_measures_the_merged_weight_range(make_model, tmp_path):
+    """The converter measures the largest merged attention weight of the source and of the output
+    while it streams: mean pooling cannot exceed the source's (an average of heads), and the card says so."""
+    folder, model = make_model("llama")
+    result = convert(folder, tmp_path / "out", 2, "mean", progress=False)
+    span = result.extra["attention_max_abs"]
+    source_max = max(
+        float(p.detach().abs().max())
+        for n, p in model.named_parameters()
+        if n.endswith(("k_proj.weight", "v_proj.weight"))
+    )
+    assert span["source"] == pytest.approx(source_max, rel=1e-6)
+    assert 0 < span["output"] <= span["source"]
+    assert "**Weight range:**" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_loading_section_native_and_remote_code(make_model, tmp_path):
     src, _ = make_model("qwen2")
     convert(src, tmp_path / "q", 2, progress=False)

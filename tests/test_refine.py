@@ -252,7 +252,9 @@ def test_output_survives_bf16_and_q8_0(trained, tmp_path):
     from gqa_uptrain.evaluation.precision import round_trip, weight_stats
 
     folder, calib, evalx = trained
-    convert(folder, tmp_path / "out", 2, _refined(calib), progress=False)
+    result = convert(folder, tmp_path / "out", 2, _refined(calib), progress=False)
+    span = result.extra["attention_max_abs"]  # what the card reports
+    assert span["output"] <= 10 * span["source"], span
     for fmt in ("bf16", "q8_0"):
         moves = []
         for f in (folder, tmp_path / "out"):

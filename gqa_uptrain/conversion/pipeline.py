@@ -186,13 +186,21 @@ def convert(
         if notes is not None:  # methods may describe themselves in the model card
             result.extra["card_notes"] = list(notes())
         result.extra["grouping"] = _declared(merge, "grouping", grouping)  # the card credits its source
+        reports = _declared(merge, "reports", None)  # layer-wise refinement ran in prepare()
+        if reports:
+            result.extra["refined_modules"] = sum(1 for rep in reports if rep.kept)
 
         # The space is checked again here: the calibration may have taken minutes, and other
         # writers may have used the disk meanwhile.
         with atomic_output_dir(output, overwrite, needed_bytes=planned.output_bytes) as tmp:
-            _stream(
+            weight_range = _stream(
                 src, units, plan, tmp, shard_bytes, config, merge, num_kv_heads, seed, target_dtype, progress
             )
+            if weight_range.source > 0:
+                result.extra["attention_max_abs"] = {
+                    "source": weight_range.source,
+                    "output": weight_range.output,
+                }
             _write_support_files(src, arch, tmp, out_config)
             result.seconds = time.perf_counter() - t0
             from .card import write_conversion_card

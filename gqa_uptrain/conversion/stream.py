@@ -14,6 +14,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,23 @@ from .plan import _out_dtype, _plan_unit, _Unit
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class WeightRange:
+    """The largest |w| among the matrices the merge rewrote (attention projections), in the source
+    and in the output: a merge that folds maps into weights can push them out of the range bf16 and
+    8-bit formats keep well (the model card reports both)."""
+
+    source: float = 0.0
+    output: float = 0.0
+
+    def update(self, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+        """Take in one module's tensors before and after merging (matrices only: norms and biases
+        are not where the fold puts its scale)."""
+        peak = lambda ts: max((float(t.abs().max()) for t in ts if t.dim() >= 2 and t.numel()), default=0.0)  # noqa: E731
+        self.source = max(self.source, peak(before.values()))
+        self.output = max(self.output, peak(after.values()))
+
+
 def _merge_unit(
     unit: _Unit,
     read: Callable[[TensorInfo], torch.Tensor],
@@ -43,11 +61,13 @@ def _merge_unit(
     g: int,
     seed: int,
     skip: frozenset[str] = frozenset(),
+    weight_range: WeightRange | None = None,
 ) -> list[torch.Tensor]:
     """Merge one module's K/V heads: unpack each tensor, merge the blocks, pack back.
 
     Returns the output tensors in the order of :func:`_plan_unit`, leaving out the slots named in
-    ``skip`` (copied unchanged by the caller; only for methods that touch nothing but K/V).
+    ``skip`` (copied unchanged by the caller; only for methods that touch nothing but K/V), and
+    takes the merged tensors' ranges into ``weight_range``.
     """
     module = unit.module
     assert module is not None
@@ -60,7 +80,10 @@ def _merge_unit(
     if module.convert:
         blocks = {s: module.tensors[s].unpack(t, dims) for s, t in tensors.items()}
         merged = method.merge(blocks, MergeContext(unit.module_name, g, seed))
-        tensors = {s: module.tensors[s].pack(merged[s], dims) for s in tensors}
+        packed = {s: module.tensors[s].pack(merged[s], dims) for s in tensors}
+        if weight_range is not None:
+            weight_range.update(tensors, packed)
+        tensors = packed
     out = []
     for slot in slots:
         t = tensors[slot.suffix]
@@ -80,8 +103,11 @@ def _stream(
     seed: int,
     target_dtype: torch.dtype | None,
     progress: bool,
-) -> None:
+) -> WeightRange:
+    """Write the output's shards: copied tensors as they are, attention modules merged (one ahead
+    in a worker thread for safetensors sources). Returns the merged matrices' weight range."""
     reader = src.reader
+    weight_range = WeightRange()
     copy_raw = getattr(reader, "copy_raw", None)
     total = sum(i.nbytes for u in units for i in u.infos)
 
@@ -108,7 +134,9 @@ def _stream(
             nonlocal submitted
             while submitted <= min(r, len(modules) - 1):
                 i = modules[submitted]
-                futures[i] = pool.submit(_merge_unit, units[i], reader.read, config, merge, g, seed, skips[i])
+                futures[i] = pool.submit(
+                    _merge_unit, units[i], reader.read, config, merge, g, seed, skips[i], weight_range
+                )
                 submitted += 1
 
         for idx, u in enumerate(units):
@@ -131,6 +159,7 @@ def _stream(
                     else:
                         writer.write(p.name, next(outputs).to(p.dtype).contiguous())
             bar.update(sum(i.nbytes for i in u.infos))
+    return weight_range
 
 
 def _copyable_slots(unit: _Unit, merge: MergeMethod, target: torch.dtype | None) -> frozenset[str]:
