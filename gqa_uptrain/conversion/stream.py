@@ -12,7 +12,7 @@ import importlib.metadata
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +48,13 @@ class WeightRange:
     def update(self, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
         """Take in one module's tensors before and after merging (matrices only: norms and biases
         are not where the fold puts its scale)."""
-        peak = lambda ts: max((float(t.abs().max()) for t in ts if t.dim() >= 2 and t.numel()), default=0.0)  # noqa: E731
-        self.source = max(self.source, peak(before.values()))
-        self.output = max(self.output, peak(after.values()))
+        self.source = max(self.source, _peak(before.values()))
+        self.output = max(self.output, _peak(after.values()))
+
+
+def _peak(tensors: Iterable[torch.Tensor]) -> float:
+    """The largest |w| over the matrices among ``tensors`` (0 when there are none)."""
+    return max((float(t.abs().max()) for t in tensors if t.dim() >= 2 and t.numel()), default=0.0)
 
 
 def _merge_unit(
