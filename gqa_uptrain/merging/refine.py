@@ -228,18 +228,29 @@ def _output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _relative_error(
+def _error_terms(
     module: torch.nn.Module, params: dict[str, torch.Tensor], caught: _Caught, batches: range | list[int]
-) -> torch.Tensor:
-    """``Σ‖attn'(x) − attn(x)‖² / Σ‖attn(x)‖²`` over ``batches`` (differentiable in ``params``)."""
-    err = tot = 0.0
+) -> tuple[torch.Tensor | float, float]:
+    """``(Σ‖attn'(x) − attn(x)‖², Σ‖attn(x)‖²)`` over ``batches`` (the first differentiable in
+    ``params``; 0.0 for no batches)."""
+    err: torch.Tensor | float = 0.0
+    tot = 0.0
     for b in batches:
         args, kwargs = caught.calls[b]
         y = _output(torch.func.functional_call(module, params, args, kwargs))
         t = caught.outputs[b]
         err = err + (y - t).pow(2).sum()
-        tot = tot + t.pow(2).sum()
-    return err / max(float(tot), 1e-30)
+        tot += float(t.pow(2).sum())
+    return err, tot
+
+
+def _relative_error(
+    module: torch.nn.Module, params: dict[str, torch.Tensor], caught: _Caught, batches: range | list[int]
+) -> torch.Tensor:
+    """``Σ‖attn'(x) − attn(x)‖² / Σ‖attn(x)‖²`` over ``batches`` (differentiable in ``params``)."""
+    err, tot = _error_terms(module, params, caught, batches)
+    assert isinstance(err, torch.Tensor), "no batches to measure"
+    return err / max(tot, 1e-30)
 
 
 def _output_weight(unit: ModuleTensors, blocks: HeadBlocks) -> str | None:
@@ -356,9 +367,14 @@ def refine_module(
     # Below a few hundred wide the casts cost more than bf16 saves (twice the time at width 128).
     fast = spec.autocast and width >= AUTOCAST_MIN_WIDTH and bf16_native(device)
 
-    def error(b: HeadBlocks, batches: list[int] | range) -> float:
+    def terms(b: HeadBlocks, batches: list[int]) -> tuple[float, float]:
         with torch.no_grad():
-            return float(_relative_error(module, pack_params(unit, b, config), caught, batches))
+            err, tot = _error_terms(module, pack_params(unit, b, config), caught, batches)
+        return float(err), tot
+
+    def error(b: HeadBlocks, batches: list[int]) -> float:
+        err, tot = terms(b, batches)
+        return err / max(tot, 1e-30)
 
     def fit(lr: float, floor: float) -> tuple[HeadBlocks | None, float, int, bool]:
         """Adam from ``start`` at peak step ``lr``: ``(best weights seen, or None if none beat
@@ -416,7 +432,14 @@ def refine_module(
                 anneal = (steps, now)
         return best, best_err, steps, False
 
-    before, before_judged = error(start32, range(n)), error(start32, judge)
+    # The error over all batches is the judged batches' plus the rest's: each batch runs once, and the
+    # targets' norms (the denominators) do not change with the weights.
+    judged = set(judge)
+    rest = [k for k in range(n) if k not in judged]
+    judged_err, judged_tot = terms(start32, judge)
+    rest_err, rest_tot = terms(start32, rest)
+    judged_tot, whole_tot = max(judged_tot, 1e-30), max(judged_tot + rest_tot, 1e-30)
+    before_judged, before = judged_err / judged_tot, (judged_err + rest_err) / whole_tot
     best, best_judged = start, before_judged
     lr = spec.lr * min(1.0, math.sqrt(spec.reference_width / width)) if width else spec.lr
     steps, best_lr, backoffs = 0, math.nan, 0
@@ -436,7 +459,7 @@ def refine_module(
             e = error(solved, judge)
             if e < best_judged:
                 best, best_judged = solved, e
-    after = error(best, range(n)) if best is not start else before
+    after = (best_judged * judged_tot + terms(best, rest)[0]) / whole_tot if best is not start else before
     kept = best is not start and best_judged < before_judged and after < before
     out = best if kept else start
     report = ModuleReport(
