@@ -130,6 +130,7 @@ def calibration_tokens(src: Source, spec: CalibrationSpec) -> torch.Tensor:
     seq_len = _seq_len(src.config, spec.seq_len)
     text = load_calibration_text(spec.data, max_chars=8 * spec.num_tokens)  # ~4 chars per token, with margin
     ids = tok(text, add_special_tokens=False)["input_ids"]
+    _warn_if_uncovered(tok, ids[: spec.num_tokens], spec.data)
     n_blocks = min(len(ids), spec.num_tokens) // seq_len
     if n_blocks == 0:
         raise ConfigError(
@@ -140,6 +141,16 @@ def calibration_tokens(src: Source, spec: CalibrationSpec) -> torch.Tensor:
             "calibration data holds %d tokens, fewer than the %d asked for", len(ids), spec.num_tokens
         )
     return torch.tensor(ids[: n_blocks * seq_len]).view(n_blocks, seq_len)
+
+
+def _warn_if_uncovered(tok: Any, ids: list[int], what: str) -> None:
+    """One warning line when the tokenizer does not cover the calibration text (binary data, an
+    unknown script: mostly unknown or byte-fallback tokens), with the measured share."""
+    from ..data.coverage import coverage_warning, token_coverage
+
+    message = coverage_warning(token_coverage(tok, ids), what)
+    if message:
+        logger.warning("%s", message)
 
 
 def _seq_len(config: dict[str, Any], want: int) -> int:
