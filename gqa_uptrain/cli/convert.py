@@ -213,7 +213,8 @@ def convert(
             help="Plan the conversion from SOURCE's tensor headers without reading tensor data or writing "
             "anything: check SOURCE, --num-kv-heads, OUTPUT and its free disk space as a real run would, "
             "and show the head counts, KV-cache saving and the files and bytes it would write. Takes "
-            "seconds whatever the model size (a Hub SOURCE is still downloaded first).",
+            "seconds whatever the model size: a Hub SOURCE is planned from its config.json and the headers "
+            "of its safetensors files (HTTP range reads), never its weights.",
             rich_help_panel=IO,
         ),
     ] = False,

@@ -23,6 +23,7 @@ from ..io.checkpoint import (
     iter_tensor_groups,
     open_source,
 )
+from ..io.locate import is_hub_id
 from ..io.outputs import (
     check_free_space,
     check_output_dir,
@@ -236,8 +237,10 @@ def plan_conversion(
     :func:`convert` does, and returns every output tensor's name, shape and dtype, the output
     files and their sizes, and the KV-cache saving. With ``output`` it also runs the checks made
     before anything is written (an existing output without ``overwrite``, the free disk space), so
-    a plan that comes back means the conversion would start. Writes nothing. A Hub ``source`` is
-    downloaded first, as for :func:`convert`.
+    a plan that comes back means the conversion would start. Writes nothing. A Hub ``source`` with
+    safetensors weights is planned from its ``config.json`` and the headers of its weights files,
+    read with HTTP range requests (:mod:`gqa_uptrain.io.hub_headers`): no weights are downloaded.
+    Other Hub sources (GGUF, pickles) are downloaded first, as for :func:`convert`.
 
     Args are as for :func:`convert`.
 
@@ -248,7 +251,15 @@ def plan_conversion(
     shard_bytes = parse_size(max_shard_size)
     if output is not None:
         check_output_dir(output, overwrite)
-    src = open_source(source, revision=revision, token=token, gguf_file=gguf_file, allow_pickle=allow_pickle)
+    src = None
+    if gguf_file is None and is_hub_id(source):  # headers by HTTP range requests, not the weights
+        from ..io.hub_headers import open_hub_headers
+
+        src = open_hub_headers(str(source), revision=revision, token=token)
+    if src is None:  # local, or a Hub repo without safetensors (GGUF, pickles): downloaded
+        src = open_source(
+            source, revision=revision, token=token, gguf_file=gguf_file, allow_pickle=allow_pickle
+        )
     try:
         planned, _, _ = _plan(src, num_kv_heads, _source_dtype(src, dtype), shard_bytes)
     finally:
@@ -330,7 +341,10 @@ def _plan(
 def _support_bytes(src: Source, arch: Architecture) -> int:
     """Disk room for the files written besides the weights (see :func:`_write_support_files`)."""
     n = _SMALL_FILES_MARGIN
-    if src.gguf_file is not None:
+    remote = src.extra.get("remote_file_bytes")
+    if remote is not None:  # planned from the Hub's headers: the repo's listing gives the sizes
+        n += sum(remote.values())
+    elif src.gguf_file is not None:
         n += _GGUF_TOKENIZER_MARGIN
     else:
         n += sum(p.stat().st_size for p in (src.folder / f for f in TOKENIZER_FILES) if p.is_file())
