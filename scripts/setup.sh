@@ -89,5 +89,67 @@ if [ -z "${GQA_UNLOCKED:-}" ]; then
       || fail "$(basename "$SDIST") holds no vendor/llama.cpp/convert_hf_to_gguf.py with conversion/ and gguf-py/"
     lock_stamp requirements/llama-cpp.txt > "$LCPP/.gqa-lock"
   fi
+  # ---- llama.cpp's engine (llama-cpp-python), built once per machine -------------------------------
+  # gqa-eval --engine llama.cpp and tests/test_llama_cpp_engine.py run GGUFs in llama.cpp itself. PyPI
+  # has no wheel, so this builds one from the sdist pinned by hash in requirements/llama-cpp.txt (CPU
+  # only; the flags skip llava, tests, examples, tools and the server: about 6-14 minutes on 2 cores)
+  # and caches it machine-wide, keyed by the lock file's hash, so a fresh clone elsewhere (CI) installs
+  # it in seconds. Installed --no-deps; its runtime dependencies are in requirements/lock.txt (numpy,
+  # jinja2, typing-extensions) and requirements/llama-cpp-runtime.txt (diskcache), hash-locked.
+  LCPP_KEY=$(lock_stamp requirements/llama-cpp.txt | cut -c1-16)
+  LCPP_WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/gqa-uptrain/wheels/llama-cpp-$LCPP_KEY"
+  LCPP_WHEEL=$(find "$LCPP_WHEELS" -name 'llama_cpp_python-*.whl' 2>/dev/null | head -n 1)
+  if [ -z "$LCPP_WHEEL" ]; then
+    echo "setup: building llama-cpp-python once for this machine (minutes; log in $LCPP_WHEELS.log)" >&2
+    mkdir -p "$(dirname "$LCPP_WHEELS")"
+    LCPP_TMP=$(mktemp -d "$LCPP_WHEELS.tmp.XXXXXX")
+    CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+      CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+      "${PIP[@]}" wheel -q --no-deps --no-binary llama-cpp-python --require-hashes -r requirements/llama-cpp.txt \
+      -w "$LCPP_TMP" >"$LCPP_WHEELS.log" 2>&1 \
+      || { rm -rf "$LCPP_TMP"; fail "could not build llama-cpp-python from requirements/llama-cpp.txt (needs a C++ compiler; see $LCPP_WHEELS.log)"; }
+    mv -T "$LCPP_TMP" "$LCPP_WHEELS" 2>/dev/null || rm -rf "$LCPP_TMP"  # another setup may have won the race
+    LCPP_WHEEL=$(find "$LCPP_WHEELS" -name 'llama_cpp_python-*.whl' | head -n 1)
+    [ -n "$LCPP_WHEEL" ] || fail "building llama-cpp-python left no wheel in $LCPP_WHEELS"
+  fi
+  if [ "$(cat "$VENV/.gqa-llama-cpp" 2>/dev/null || true)" != "$LCPP_KEY" ]; then
+    "${PIP[@]}" install -q --no-deps --require-hashes -r requirements/llama-cpp-runtime.txt \
+      || fail "could not install requirements/llama-cpp-runtime.txt into $VENV"
+    "${PIP[@]}" install -q --no-deps --force-reinstall "$LCPP_WHEEL" \
+      || fail "could not install $LCPP_WHEEL into $VENV (delete $LCPP_WHEELS to rebuild it)"
+    echo "$LCPP_KEY" > "$VENV/.gqa-llama-cpp"
+  fi
 fi
+# ---- DeepSpeed (the `deepspeed` extra): ZeRO-2/3 uptraining, tested on CPU processes ---------------------
+# requirements/deepspeed.txt (hash-locked by scripts/lock.sh from requirements/deepspeed.in, constrained by
+# lock.txt). DeepSpeed ships only a source distribution whose setup.py imports torch, so it is built against
+# the venv's torch (--no-build-isolation; setuptools comes from lock.txt). Its first run on CPU compiles the
+# deepspeed_shm_comm op (g++, the Python headers, ninja): done here once, cached machine-wide under
+# TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), so later runs and CI's fresh clones load it in
+# a second. Skipped for the drift environment (GQA_UNLOCKED).
+if [ -z "${GQA_UNLOCKED:-}" ]; then
+  need=()
+  command -v g++ >/dev/null || need+=(g++)
+  command -v ninja >/dev/null || need+=(ninja-build)
+  PYINC=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+  PYVER=$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+  [ -f "$PYINC/Python.h" ] || need+=("python$PYVER-dev")
+  if [ ${#need[@]} -gt 0 ]; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
+    command -v apt-get >/dev/null || fail "no apt-get: install ${need[*]} by hand (DeepSpeed compiles an op with them)"
+    { $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq "${need[@]}" >/dev/null; } \
+      || fail "could not install ${need[*]} with apt-get (DeepSpeed compiles an op with them)"
+  fi
+  "${PIP[@]}" install -q --no-build-isolation --require-hashes -r requirements/deepspeed.txt \
+    || fail "could not install requirements/deepspeed.txt into $VENV (refresh it with: bash scripts/lock.sh)"
+  CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/python" -c \
+    "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" \
+    >/dev/null 2>&1 || fail "could not build DeepSpeed's deepspeed_shm_comm op (needs g++, Python headers, ninja)"
+fi
+# ---- bitsandbytes (the `qlora` extra): QLoRA's 4-bit base layers, which it also runs on the CPU ----------
+# requirements/qlora.txt (hash-locked by scripts/lock.sh from requirements/qlora.in), installed --no-deps: its
+# dependencies (torch, numpy, packaging) are lock.txt's, and pip must never pick a torch of its own.
+"${PIP[@]}" install -q --no-deps --require-hashes -r requirements/qlora.txt \
+  || fail "could not install requirements/qlora.txt (bitsandbytes) into $VENV (refresh it with: bash scripts/lock.sh)"
 echo "setup: done ($VENV ready)"

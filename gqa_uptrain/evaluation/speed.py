@@ -11,6 +11,11 @@ Warm-up runs (not timed) come first so one-off costs (allocator growth, kernel s
 counted; the median over repeats is reported. Generation is forced to produce exactly
 ``new_tokens`` tokens (``min_new_tokens``) so an early EOS cannot make a model look fast.
 
+Two decode paths (``path``): ``eager`` times ``model.generate`` as above; ``static`` times
+:class:`~gqa_uptrain.evaluation.static_decode.StaticDecoder` (transformers' static cache, a compiled
+decode step, CUDA graphs on a GPU), stamping the same moments, so both paths' figures mean the same.
+The static path always gets at least one warm-up run: the first run compiles.
+
 Peak memory: on a GPU, ``torch.cuda.max_memory_allocated`` during the run minus what was allocated
 before it (weights); on CPU, the peak resident set size sampled by a background thread minus the
 RSS before the run (torch's CPU allocations are invisible to ``tracemalloc``). On glibc the heap's
@@ -112,14 +117,15 @@ class SpeedResult:
     total_time_s: float
     peak_memory_bytes: int  # above the memory in use before generation (weights, buffers)
     memory_source: str  # "cuda.max_memory_allocated" or "process RSS"
+    path: str = "eager"  # "eager": model.generate; "static": static cache + compiled decode step
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view."""
         return asdict(self)
 
 
-def _one_run(model: Any, kwargs: dict[str, Any], device: torch.device) -> tuple[float, float, float, int]:
-    """One generate call; returns (time to first token, decode seconds, total seconds, peak extra bytes)."""
+def _one_run(run: Any, device: torch.device) -> tuple[float, float, float, int]:
+    """One generation ``run(clock)``; returns (time to first token, decode seconds, total seconds, peak extra bytes)."""
     clock = _StepClock(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -129,7 +135,7 @@ def _one_run(model: Any, kwargs: dict[str, Any], device: torch.device) -> tuple[
     _sync(device)
     with _RSSPeak() as rss:
         start = time.perf_counter()
-        model.generate(**kwargs, logits_processor=[clock])
+        run(clock)
         _sync(device)
         end = time.perf_counter()
     if device.type == "cuda":
@@ -150,11 +156,14 @@ def measure_speed(
     warmup: int = 1,
     repeats: int = 3,
     seed: int = 0,
+    path: str = "eager",
 ) -> SpeedResult:
     """Time greedy generation of ``new_tokens`` tokens after a ``context``-token prompt, batch ``batch``.
 
     The prompt is random token ids (speed does not depend on the text). Encoder-decoder models get
     the prompt as encoder input. Returns medians over ``repeats`` runs after ``warmup`` runs.
+    ``path``: ``eager`` (``model.generate``) or ``static`` (static cache and compiled decode step;
+    decoder-only models).
     """
     if new_tokens < 2:
         raise ValueError("new_tokens must be at least 2 to time decoding")
@@ -176,9 +185,27 @@ def measure_speed(
         # Models without a pad token warn on every call; any id works since nothing is padded.
         "pad_token_id": gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else 0,
     }
+    if path == "eager":
+
+        def run(clock: _StepClock) -> None:
+            model.generate(**kwargs, logits_processor=[clock])
+
+    elif path == "static":
+        from .static_decode import StaticDecoder
+
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise ValueError("the static decode path is for decoder-only models; use --decode-path eager")
+        decoder = StaticDecoder(model, batch, context + new_tokens)
+        warmup = max(1, warmup)  # the first run compiles the decode step
+
+        def run(clock: _StepClock) -> None:
+            decoder.generate(ids, new_tokens, stamps=clock.stamps)
+
+    else:
+        raise ValueError(f"decode path must be eager or static, got {path!r}")
     for _ in range(warmup):
-        _one_run(model, kwargs, device)
-    runs = [_one_run(model, kwargs, device) for _ in range(repeats)]
+        _one_run(run, device)
+    runs = [_one_run(run, device) for _ in range(repeats)]
     ttft = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
     total = statistics.median(r[2] for r in runs)
@@ -193,9 +220,11 @@ def measure_speed(
         # The peak is the worst run's: memory must be there for every run.
         peak_memory_bytes=max(r[3] for r in runs),
         memory_source="cuda.max_memory_allocated" if device.type == "cuda" else "process RSS",
+        path=path,
     )
     logger.info(
-        "context %d batch %d: first token %.1f ms, %.1f tokens/s",
+        "%s path, context %d batch %d: first token %.1f ms, %.1f tokens/s",
+        path,
         context,
         batch,
         1000 * ttft,
