@@ -178,11 +178,11 @@ def test_wide_modules_train_in_bf16_autocast_where_native(make_model, tmp_path, 
     computes bf16 natively (declared so here, so the test runs on any CPU): the trained weights then
     differ from float32 training and are still never worse than the closed form. Narrower modules,
     and ``autocast=False``, train in float32 (bit for bit the same weights)."""
-    from gqa_uptrain.merging import refine
+    from gqa_uptrain.merging import device, refine
 
     assert isinstance(refine.bf16_native(torch.device("cpu")), bool)
     assert refine.bf16_native(torch.device("meta")) is False
-    monkeypatch.setattr(refine, "bf16_native", lambda device: True)
+    monkeypatch.setattr(device, "bf16_native", lambda device: True)
     calib = torch.randint(3, 128, (8, 32))
     outputs = {}
     for hidden in (64, refine.AUTOCAST_MIN_WIDTH):

@@ -88,6 +88,8 @@ def convert(
     calibration_seq_len: int | None = None,
     grouping: str = "contiguous",
     refine: bool | int | RefineSpec | None = None,
+    device: str | None = None,
+    max_device_memory: str | int | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
     gguf_file: str | None = None,
@@ -118,6 +120,12 @@ def convert(
             :mod:`gqa_uptrain.merging.refine`): None or True for the default budget whenever the
             method is calibrated, False for the closed-form fit only, an int for a budget of that
             many steps per module, or a :class:`~gqa_uptrain.merging.refine.RefineSpec`.
+        device: where a calibrated method computes (calibration, the closed-form fits and the
+            refinement, one decoder layer at a time): ``auto`` or None (the first CUDA GPU when
+            there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. The writer stays on the host.
+        max_device_memory: the most the calibrated path may keep on ``device``, e.g. ``"20GB"``
+            (None: 90% of a GPU's free memory; no limit on the CPU). Calibration activations that
+            do not fit next to the layer at work live in host memory (pinned where CUDA exists).
         revision, token: Hub revision and token (None: ``HF_TOKEN`` or the login cache).
         gguf_file: which GGUF file in the source folder, when it holds several.
         allow_pickle: accept ``pytorch_model*.bin`` weights (loaded with ``weights_only=True``).
@@ -139,7 +147,15 @@ def convert(
     """
     t0 = time.perf_counter()
     merge = _merge_method(
-        method, calibration, calibration_tokens, calibration_seq_len, grouping, progress, refine
+        method,
+        calibration,
+        calibration_tokens,
+        calibration_seq_len,
+        grouping,
+        progress,
+        refine,
+        device=device,
+        max_device_memory=max_device_memory,
     )
     target_dtype = _target_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
@@ -240,13 +256,26 @@ def _merge_method(
     grouping: str,
     progress: bool,
     refine: bool | int | RefineSpec | None = None,
+    *,
+    device: str | None = None,
+    max_device_memory: str | int | None = None,
 ) -> MergeMethod:
     """The method object :func:`convert` runs: a name resolved (calibrated when it needs to be)."""
+    from ..merging.device import parse_memory, resolve_device
+
+    resolve_device(device)  # a GPU that is not there is refused before anything starts
+    budget = parse_memory(max_device_memory)
     if not isinstance(method, str):
-        if calibration is not None or grouping != "contiguous" or refine not in (None, False):
+        if (
+            calibration is not None
+            or grouping != "contiguous"
+            or refine not in (None, False)
+            or device is not None
+            or budget is not None
+        ):
             raise ConfigError(
-                "calibration=, grouping= and refine= apply to a method given by name; a MergeMethod object "
-                "carries its own (see gqa_uptrain.merging.build_method)"
+                "calibration=, grouping=, refine=, device= and max_device_memory= apply to a method given by "
+                "name; a MergeMethod object carries its own (see gqa_uptrain.merging.build_method)"
             )
         return method
     if calibration is None and (tokens is not None or seq_len is not None):
@@ -259,4 +288,12 @@ def _merge_method(
     calibrated = method == "aligned" or grouping == "similarity"
     if refine is None:  # the default: refine whatever is calibrated
         refine = calibrated and spec is not None
-    return build_method(method, spec, grouping, progress=progress, refine=refine_spec(refine))
+    return build_method(
+        method,
+        spec,
+        grouping,
+        progress=progress,
+        refine=refine_spec(refine),
+        device=device,
+        max_device_memory=budget,
+    )

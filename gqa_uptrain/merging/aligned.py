@@ -60,6 +60,7 @@ from .calibration import (
     collect_moments,
     iter_isotropic,
 )
+from .device import resolve_device
 from .grouping import (
     GROUPINGS,
     MAX_EVALS,
@@ -119,7 +120,11 @@ def _augmented(blocks: HeadBlocks, role: str) -> torch.Tensor:
     """``[n_heads, d, n+1]``: the role's weight rows with the bias (or zeros) as last column."""
     w = blocks[_find(blocks, role, "weight")][role].double()  # type: ignore[index]
     b_suffix = _find(blocks, role, "bias")
-    b = blocks[b_suffix][role].double() if b_suffix else torch.zeros(w.shape[:2], dtype=torch.float64)
+    b = (
+        blocks[b_suffix][role].double()
+        if b_suffix
+        else torch.zeros(w.shape[:2], dtype=torch.float64, device=w.device)
+    )
     return torch.cat([w, b.unsqueeze(-1)], dim=-1)
 
 
@@ -150,7 +155,7 @@ def _balance(k: torch.Tensor, r: torch.Tensor, floor: float = 1e-12) -> tuple[to
     finite.
     """
     ek, vk = torch.linalg.eigh(k)
-    eye = torch.eye(k.shape[0], dtype=k.dtype)
+    eye = torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
     if not float(ek.max()) > 0:  # an all-zero head: any basis computes the same nothing
         return eye, eye
     ek = ek.clamp_min(floor * ek.max())
@@ -200,13 +205,13 @@ def linear_fit(
     total = float(s.trace())
     residual = max(total - float(lam.sum()), 0.0)
     if g == 1:  # the member itself: nothing to fit, the model stays as it was
-        eye = torch.eye(e, dtype=w.dtype)[None]
+        eye = torch.eye(e, dtype=w.dtype, device=w.device)[None]
         return LinearFit(eye, eye, residual, total)
     um = u.reshape(g, e, e)  # U_m: [g, e(member dims), e(components)]
     c0 = um.transpose(1, 2) @ l_sqrt  # C_m = U_mᵀ L_m: components of the weighted members
     a0 = l_inv @ um  # A_m = L_m⁻¹ U_m
     if fold is None:
-        fold = torch.eye(e, dtype=w.dtype).expand(g, e, e)
+        fold = torch.eye(e, dtype=w.dtype, device=w.device).expand(g, e, e)
     m, m_inv = _fit_gauge((c0 @ w).sum(0), a0, fold, w.mean(0), sigma)
     return LinearFit(m @ c0, a0 @ m_inv, residual, total)
 
@@ -248,6 +253,20 @@ class ModuleFit:
     k_lin: list[LinearFit | None]
     v: list[LinearFit]
 
+    def to(self, device: torch.device | str) -> ModuleFit:
+        """The same maps on ``device``."""
+
+        def lin(f: LinearFit | None) -> LinearFit | None:
+            return None if f is None else LinearFit(f.c.to(device), f.a.to(device), f.residual, f.total)
+
+        return ModuleFit(
+            self.num_groups,
+            self.key_mean,
+            [None if p is None else (p[0].to(device), p[1].to(device)) for p in self.k_pairs],
+            [lin(f) for f in self.k_lin],
+            [lin(f) for f in self.v],  # type: ignore[misc]
+        )
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the maps."""
@@ -274,8 +293,20 @@ class ModuleStats:
     _cache: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, blocks: HeadBlocks, sigma: torch.Tensor | None, rot: int, key_mean: bool) -> ModuleStats:
-        """Augmented float64 weights from head ``blocks``, with the moments ``sigma`` (or None)."""
+    def build(
+        cls,
+        blocks: HeadBlocks,
+        sigma: torch.Tensor | None,
+        rot: int,
+        key_mean: bool,
+        device: torch.device | None = None,
+    ) -> ModuleStats:
+        """Augmented float64 weights from head ``blocks``, with the moments ``sigma`` (or None), on
+        ``device`` (default: ``sigma``'s, else the blocks')."""
+        if device is None and sigma is not None:
+            device = sigma.device
+        if device is not None:
+            blocks = {s: {r: t.to(device) for r, t in p.items()} for s, p in blocks.items()}
         return cls(
             wq=_augmented(blocks, "q"),
             wk=_augmented(blocks, "k"),
@@ -289,6 +320,10 @@ class ModuleStats:
     @property
     def r(self) -> int:
         return self.wq.shape[0] // self.wk.shape[0]
+
+    def _index(self, members: tuple[int, ...]) -> torch.Tensor:
+        """``members`` as an index tensor on the weights' device."""
+        return torch.tensor(members, device=self.wk.device)
 
     def _sigma(self) -> torch.Tensor:
         if self.sigma is None:
@@ -305,7 +340,7 @@ class ModuleStats:
     def _pair_gram(self, members: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per rotary pair: weighted member Gram ``[P, g, g]`` (complex) and weights ``[P, g]``."""
         p = self.rot // 2
-        idx = torch.tensor(members)
+        idx = self._index(members)
         wk = self.wk[idx]
         om = torch.complex(wk[:, :p], wk[:, p : 2 * p])  # [g, P, n+1]
         gram = torch.einsum("mpn,kpn->pmk", om.conj(), om @ self._sigma().to(om.dtype))  # E[conj(z_m) z_k]
@@ -366,7 +401,7 @@ class ModuleStats:
     def aligned_cost(self, members: tuple[int, ...]) -> float:
         """Relative K + V error of the aligned fit of ``members`` (lower merges better)."""
         t = self._tables(aligned=True)
-        idx = torch.tensor(members)
+        idx = self._index(members)
         v_res, v_tot = _subspace_residual(t["v"], idx)
         if self.key_mean:
             return self.mean_cost(members, keys_only=True) + v_res / max(v_tot, 1e-30)
@@ -401,7 +436,7 @@ class ModuleStats:
         With ``T_mk = E[head_m · head_k]``: ``Σ_m T_mm − (1/g) Σ_mk T_mk`` over ``Σ_m T_mm``.
         """
         t = self._tables(aligned=False)
-        idx = torch.tensor(members)
+        idx = self._index(members)
         out = 0.0
         for name in ("k_tr",) if keys_only else ("k_tr", "v_tr"):
             tr = t[name][idx][:, idx]
@@ -435,7 +470,7 @@ class ModuleStats:
                 real = yre @ re.transpose(1, 2) + yim @ im.transpose(1, 2)  # E[re_m re_k + im_m im_k]
                 imag = yre @ im.transpose(1, 2) - yim @ re.transpose(1, 2)  # E[re_m im_k - im_m re_k]
                 t["k_pairs"] = torch.complex(real, imag)
-                t["k_pair_w"] = self._pair_weights(torch.arange(hkv))
+                t["k_pair_w"] = self._pair_weights(torch.arange(hkv, device=self.wk.device))
                 del yre, yim, real, imag
             if rot < d:
                 roots = torch.stack([self._nonrot_root(m)[0] for m in range(hkv)])
@@ -454,7 +489,7 @@ class ModuleStats:
         if key not in self._cache:
             ls, li = self._weights_v(members)
             fold = torch.stack([self._fold_gram("o", m) for m in members])
-            self._cache[key] = linear_fit(self.wv[torch.tensor(members)], self._sigma(), ls, li, fold)
+            self._cache[key] = linear_fit(self.wv[self._index(members)], self._sigma(), ls, li, fold)
         return self._cache[key]
 
     # -- the fit itself ------------------------------------------------------------------------
@@ -467,7 +502,7 @@ class ModuleStats:
         v: list[LinearFit] = []
         for j in range(num_groups):
             members = tuple(range(j * g, (j + 1) * g))
-            idx = torch.tensor(members)
+            idx = self._index(members)
             pair = lin = None
             if not self.key_mean and p:
                 wk = self.wk[idx]
@@ -489,11 +524,11 @@ class ModuleStats:
         num_groups = fit.num_groups
         g, r, p = hkv // num_groups, self.r, self.rot // 2
         wq, o = self.wq.clone(), self.o.clone()
-        k_new = torch.empty(num_groups, d, self.wk.shape[-1], dtype=torch.float64)
+        k_new = torch.empty(num_groups, d, self.wk.shape[-1], dtype=torch.float64, device=self.wk.device)
         v_new = torch.empty_like(k_new)
         for j in range(num_groups):
             members = tuple(range(j * g, (j + 1) * g))
-            idx = torch.tensor(members)
+            idx = self._index(members)
             if fit.key_mean:
                 k_new[j] = self.wk[idx].mean(0)
             else:
@@ -546,7 +581,8 @@ def pair_fit(
     """
     p, g = w.shape
     if g == 1:
-        return torch.ones(p, 1, dtype=gram.dtype), torch.ones(p, 1, dtype=gram.dtype)
+        one = torch.ones(p, 1, dtype=gram.dtype, device=gram.device)
+        return one, one.clone()
     _, vec = torch.linalg.eigh(gram)
     u = vec[..., -1]  # [P, g] top eigenvector per pair
     sw = w.sqrt().to(u.dtype)
@@ -613,6 +649,8 @@ class CalibratedMerge(BaseMethod):
         progress: bool = True,
         tokens: torch.Tensor | None = None,
         refine: RefineSpec | None = None,
+        device: str | torch.device | None = None,
+        max_device_memory: int | None = None,
     ):
         if grouping not in GROUPINGS:
             raise ConfigError(f"unknown --grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
@@ -624,6 +662,10 @@ class CalibratedMerge(BaseMethod):
         self.progress = progress
         self.tokens = tokens  # pre-tokenized calibration data (library use), else from ``calibration``
         self.refine = refine  # layer-wise refinement after the closed-form fit (None: closed form only)
+        # Where calibration, the fits and refinement compute (``auto``: the first GPU if any), and
+        # the most bytes they may keep there (None: most of a GPU's free memory).
+        self.device = device
+        self.max_device_memory = max_device_memory
         self.reports: list[ModuleReport] = []
         self._store: BlockStore | None = None
         self.plans: dict[str, _ModulePlan] = {}
@@ -644,6 +686,8 @@ class CalibratedMerge(BaseMethod):
         self._rot = rotary_dims(src.config, dims.head_dim)
         self._g = num_kv_heads
         units = _module_tensors(src, arch)
+        device = resolve_device(self.device)
+        logger.info("calibrating on %s", device)
         tokens = self.tokens if self.tokens is not None else calibration_tokens(src, self.calibration)  # type: ignore[arg-type]
 
         def on_module(mom: ModuleMoments) -> None:
@@ -674,10 +718,20 @@ class CalibratedMerge(BaseMethod):
                     plan=planned_blocks,
                     store=self._store,
                     progress=self.progress,
+                    device=device,
+                    max_device_memory=self.max_device_memory,
                 )
             else:
                 bs = self.calibration.batch_size if self.calibration else 8
-                collect_moments(src, tokens, on_module, batch_size=bs, progress=self.progress)
+                collect_moments(
+                    src,
+                    tokens,
+                    on_module,
+                    batch_size=bs,
+                    progress=self.progress,
+                    device=device,
+                    max_device_memory=self.max_device_memory,
+                )
         except NotCalibratable as e:
             self.fallback = str(e)
             logger.warning(
@@ -731,7 +785,9 @@ class CalibratedMerge(BaseMethod):
             # converted weights stay bit for bit what earlier releases wrote. In place: the moments
             # are not used again, and a second float64 copy is 134 MB at Llama-2-7B width.
             sigma = mom.sigma.copy_(mom.sigma.float())
-            fit = ModuleStats.build(blocks, sigma, self._rot, mom.has_qk_norm).fit(self._g)
+            # Fitted where the moments are (the device); the small maps are kept on the host, where
+            # the converter streams the weights they are folded into.
+            fit = ModuleStats.build(blocks, sigma, self._rot, mom.has_qk_norm).fit(self._g).to("cpu")
         self.plans[mom.module_name] = _ModulePlan(perm, fit)
         release_free_memory()
 
@@ -850,7 +906,13 @@ def _read_blocks(src: Source, unit: ModuleTensors) -> HeadBlocks:
 def _calibrated(name: str) -> Callable[[MethodOptions], CalibratedMerge]:
     def build(opts: MethodOptions) -> CalibratedMerge:
         return CalibratedMerge(
-            name, opts.calibration, opts.grouping, progress=opts.progress, refine=opts.refine
+            name,
+            opts.calibration,
+            opts.grouping,
+            progress=opts.progress,
+            refine=opts.refine,
+            device=opts.device,
+            max_device_memory=opts.max_device_memory,
         )
 
     return build

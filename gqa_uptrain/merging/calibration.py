@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..architectures import ModuleTensors, get_architecture
 from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import Source, TensorInfo
+from .device import Placement, device_budget, place_activations
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ def _load_params(
     resolve: _NameResolver,
     read: Callable[[TensorInfo], torch.Tensor],
     strict: bool = True,
+    device: torch.device | str = "cpu",
 ) -> None:
     from accelerate.utils import set_module_tensor_to_device
 
@@ -227,7 +229,7 @@ def _load_params(
             continue  # e.g. a task head's bias: stays on meta, never runs before layer 0
         if value is None:
             raise NotCalibratable(f"the checkpoint has no tensor named like the model's {name}")
-        set_module_tensor_to_device(model, name, "cpu", value=value)
+        set_module_tensor_to_device(model, name, device, value=value)
 
 
 def _read_fused(
@@ -305,15 +307,32 @@ class LayerWalk:
     ``states[b]`` ``[batch, T, hidden]`` are the hidden states and ``extras[b]`` the other arguments
     the model passes its layers (masks, rotary tables), which stay the same for every layer.
 
+    Everything runs on ``device``, one layer's weights at a time; ``states`` live where
+    :attr:`placement` says (on the device when ``copies`` activations of every calibration token fit
+    ``max_device_memory``, else in host memory): :meth:`run` takes them to the device and
+    :meth:`keep` brings results home.
+
     Raises :class:`NotCalibratable` for families whose layers cannot run one at a time here
     (no causal-LM class, converted modules outside one stack of layers, e.g. T5's cross-attention).
     """
 
     def __init__(
-        self, src: Source, tokens: torch.Tensor, *, batch_size: int = 8, config: dict[str, Any] | None = None
+        self,
+        src: Source,
+        tokens: torch.Tensor,
+        *,
+        batch_size: int = 8,
+        config: dict[str, Any] | None = None,
+        device: torch.device | None = None,
+        copies: int = 1,
+        max_device_memory: int | None = None,
     ):
         self.src = src
-        self.model, self.layers_name, self.layers = _skeleton(config or src.config, src)
+        self.device = device or torch.device("cpu")
+        self.model, self.layers_name, self.layers = _skeleton(config or src.config, src, self.device)
+        self.placement = _placement(
+            self.model, self.layers[0], tokens, batch_size, self.device, copies, max_device_memory
+        )
         self.resolve = _NameResolver(src.reader.infos())
         self.converted = get_architecture(src.config).attention_modules(
             (i.name for i in src.reader.infos()), converted_only=True
@@ -333,10 +352,10 @@ class LayerWalk:
         for name in names:
             if name in overrides:
                 set_module_tensor_to_device(
-                    model, name, "cpu", value=overrides[name].detach().to(torch.float32)
+                    model, name, self.device, value=overrides[name].detach().to(torch.float32)
                 )
         rest = [n for n in names if n not in overrides]
-        _load_params(model, rest, self.resolve, self.src.reader.read)
+        _load_params(model, rest, self.resolve, self.src.reader.read, device=self.device)
 
     def load_layer(
         self,
@@ -354,17 +373,27 @@ class LayerWalk:
         self.load_params(model, [n for n in names if n not in skip], overrides)
         return layer
 
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        """An activation moved to where this walk keeps them (:attr:`placement`)."""
+        return self.placement.keep(t)
+
     def run(self, layer: torch.nn.Module, b: int, hidden: torch.Tensor) -> torch.Tensor:
-        """``layer`` on batch ``b``'s arguments with ``hidden`` as its input: its output states."""
+        """``layer`` on batch ``b``'s arguments with ``hidden`` as its input: its output states (on
+        the device; :meth:`keep` them)."""
         args, kwargs = self.extras[b]
+        hidden = self.placement.use(hidden)
         with torch.no_grad():
             out = layer(hidden, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": hidden})
         return out[0] if isinstance(out, tuple) else out
 
 
-def _skeleton(config: dict[str, Any], src: Source) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
-    """``config``'s causal LM on the meta device, and its stack of decoder layers."""
+def _skeleton(
+    config: dict[str, Any], src: Source, device: torch.device | None = None
+) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
+    """``config``'s causal LM on the meta device (its buffers, e.g. rotary tables, on ``device``), and
+    its stack of decoder layers."""
     from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     if not get_architecture(config).native or not get_architecture(src.config).native:
@@ -387,9 +416,35 @@ def _skeleton(config: dict[str, Any], src: Source) -> tuple[torch.nn.Module, str
     # Calibration runs in float32 whatever the checkpoint's dtype (a config may ask for bf16):
     # loaded values take the dtype of the meta parameter they replace.
     model.to(torch.float32).eval()
+    if device is not None and device.type != "cpu":
+        for name, buf in list(model.named_buffers()):
+            if buf.device.type != "meta":
+                set_module_tensor_to_device(model, name, device, value=buf)
     n_layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
     name, layers = _find_layers(model, n_layers)
     return model, name, layers
+
+
+def _placement(
+    model: torch.nn.Module,
+    first: torch.nn.Module,
+    tokens: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    copies: int,
+    max_device_memory: int | None,
+) -> Placement:
+    """Where the walk keeps its activations: ``copies`` float32 vectors of the hidden size per
+    calibration token, on ``device`` when they fit its budget next to the working memory (the
+    layer's weights twice, original and converted; a batch's intermediates, generously)."""
+    hidden = int(getattr(model.config, "hidden_size", 0) or 0)
+    activation = copies * tokens.numel() * hidden * 4
+    layer_bytes = sum(p.numel() for p in first.parameters()) * 4
+    batch_tokens = min(batch_size, tokens.shape[0]) * tokens.shape[1]
+    heads = int(getattr(model.config, "num_attention_heads", 1) or 1)
+    scores = min(batch_size, tokens.shape[0]) * heads * tokens.shape[1] ** 2 * 4  # eager attention
+    working = 2 * layer_bytes + 16 * batch_tokens * hidden * 4 + 3 * scores
+    return place_activations(device, activation, working, device_budget(device, max_device_memory))
 
 
 def _attention_of_layers(
@@ -434,7 +489,7 @@ def _catch_layer_inputs(
     head_params = {id(p) for p in head.parameters()} if head is not None else set()
     named = dict(model.named_parameters())
     before = [n for n in outer if id(named[n]) not in head_params]
-    _load_params(model, before, walk.resolve, walk.src.reader.read, strict=False)
+    _load_params(model, before, walk.resolve, walk.src.reader.read, strict=False, device=walk.device)
 
     caught: list[tuple[tuple, dict]] = []
 
@@ -447,7 +502,7 @@ def _catch_layer_inputs(
         with torch.no_grad():
             for batch in tokens.split(batch_size):
                 try:
-                    model(input_ids=batch, use_cache=False)
+                    model(input_ids=batch.to(walk.device), use_cache=False)
                 except _Stop:
                     pass
                 except (RuntimeError, NotImplementedError) as e:  # a parameter left on meta was needed
@@ -464,10 +519,10 @@ def _catch_layer_inputs(
     states, extras = [], []
     for args, kwargs in caught:
         if args:
-            states.append(args[0])
+            states.append(walk.keep(args[0]))
             extras.append(((None, *args[1:]), kwargs))
         else:
-            states.append(kwargs["hidden_states"])
+            states.append(walk.keep(kwargs["hidden_states"]))
             extras.append((args, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
     return states, extras
 
@@ -479,15 +534,18 @@ def collect_moments(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    device: torch.device | None = None,
+    max_device_memory: int | None = None,
 ) -> None:
     """Run the original model layer by layer over ``tokens`` ``[B, T]`` and report each converted
     attention module's input moments to ``on_module`` as soon as its layer has run (and its
     weights are dropped). Nothing here keeps the moments afterwards: memory stays at one layer
-    as long as ``on_module`` keeps only what it derives from them.
+    as long as ``on_module`` keeps only what it derives from them. Runs on ``device`` (the CPU by
+    default); the moments arrive there, in float64.
 
     Raises :class:`NotCalibratable` where :class:`LayerWalk` cannot run the family.
     """
-    walk = LayerWalk(src, tokens, batch_size=batch_size)
+    walk = LayerWalk(src, tokens, batch_size=batch_size, device=device, max_device_memory=max_device_memory)
     bar = tqdm(total=len(walk.layers), desc="calibrating", unit="layer", disable=not progress)
     for i in range(len(walk.layers)):
         layer = walk.load_layer(i)
@@ -498,7 +556,7 @@ def collect_moments(
         ]
         try:
             for b in range(len(walk.states)):
-                walk.states[b] = walk.run(layer, b, walk.states[b])
+                walk.states[b] = walk.keep(walk.run(layer, b, walk.states[b]))
         finally:
             for h in hooks:
                 h.remove()
@@ -522,7 +580,7 @@ class MomentAccumulator:
     def add(self, x: torch.Tensor) -> None:
         """Add the rows of ``x`` ``[..., n]``."""
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)  # [N, n+1]
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)  # [N, n+1]
         s = x.T @ x
         self.sum = s if self.sum is None else self.sum.add_(s)
         self.count += x.shape[0]

@@ -173,6 +173,8 @@ class MethodOptions:
     grouping: str = "contiguous"
     progress: bool = True
     refine: RefineSpec | None = None
+    device: str | None = None  # where calibrated methods compute: auto (None), cpu, cuda, cuda:N
+    max_device_memory: int | None = None  # bytes they may keep there (None: most of a GPU's free memory)
 
 
 # A registry entry builds a fresh method per conversion: calibrated methods keep per-run state (the
@@ -226,11 +228,15 @@ def build_method(
     *,
     progress: bool = True,
     refine: RefineSpec | None = None,
+    device: str | None = None,
+    max_device_memory: int | None = None,
 ) -> MergeMethod:
     """A fresh merge method ``name`` built with its options (a clear error for unknown names).
 
     ``refine`` is the layer-wise refinement budget for the calibrated methods (``aligned``, and
-    ``mean`` with similarity groups); other methods refuse it.
+    ``mean`` with similarity groups); other methods refuse it. ``device`` and
+    ``max_device_memory``: where calibrated methods compute and how much they may keep there
+    (:mod:`~gqa_uptrain.merging.device`); the others compute nothing and ignore them.
     """
     if grouping not in GROUPINGS:
         raise ConfigError(f"unknown --grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
@@ -239,7 +245,7 @@ def build_method(
         if grouping == "similarity":
             raise ConfigError(f"--grouping similarity works with --method aligned or mean, not {name!r}")
         raise ConfigError(f"unknown --method {name!r}; choose one of {', '.join(METHODS)}")
-    method = factory(MethodOptions(calibration, grouping, progress, refine))
+    method = factory(MethodOptions(calibration, grouping, progress, refine, device, max_device_memory))
     if refine is not None and not hasattr(method, "refine"):
         raise ConfigError(
             f"layer-wise refinement needs a calibrated method: use --method aligned, not {name!r} (or --no-refine)"
