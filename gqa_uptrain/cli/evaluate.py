@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,6 +20,7 @@ app = make_app(
 
 DType = Enum("DType", {n: n for n in ("auto", "float32", "bfloat16", "float16")}, type=str)  # type: ignore[misc]
 SampleBy = Enum("SampleBy", {n: n for n in ("document", "paragraph", "line")}, type=str)  # type: ignore[misc]
+Engine = Enum("Engine", {n: n for n in ("transformers", "llama.cpp")}, type=str)  # type: ignore[misc]
 RoundTrip = Enum("RoundTrip", {n: n for n in ("bf16", "q8_0")}, type=str)  # type: ignore[misc]
 
 _MODELS = "Models"
@@ -47,10 +48,24 @@ def evaluate(
         str,
         typer.Argument(
             help="Model to measure: a checkpoint folder or a Hub id. A folder whose config.json has an auto_map "
-            "loads with its own modelling code; a Hub repo's code runs only with --trust-remote-code.",
+            "loads with its own modelling code; a Hub repo's code runs only with --trust-remote-code. With "
+            "--engine llama.cpp: a GGUF file.",
             show_default=False,
         ),
     ],
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="Who runs the model: transformers (checkpoint folders), or llama.cpp (GGUF files, e.g. from "
+            "llama.cpp's convert_hf_to_gguf.py; CPU): perplexity, prompt and decode tokens/s with --batch-size "
+            "parallel sequences of --context tokens each, and the KV cache llama.cpp allocates.",
+            rich_help_panel=_MODELS,
+        ),
+    ] = "transformers",  # type: ignore[assignment]
+    threads: Annotated[
+        int | None,
+        typer.Option(help="--engine llama.cpp: CPU threads (default: all cores).", rich_help_panel=_MODELS),
+    ] = None,
     baseline: Annotated[
         str | None,
         typer.Option(
@@ -177,6 +192,26 @@ def evaluate(
         int, typer.Option(help="Timed runs per setting; the median is reported.", rich_help_panel=_SPEED)
     ] = 3,
     skip_speed: Annotated[bool, typer.Option(help="Do not time generation.", rich_help_panel=_SPEED)] = False,
+    decode_path: Annotated[
+        str,
+        typer.Option(
+            help="How transformers decodes in the speed runs, comma-separated: eager (model.generate) and/or static "
+            "(a static KV cache and a torch.compile'd decode step, CUDA graphs on a GPU: what a server runs; the "
+            "first run of each setting compiles, untimed). Each figure is labelled with its path.",
+            rich_help_panel=_SPEED,
+        ),
+    ] = "eager",
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Also find the largest batch that decodes at each --context within this much memory (weights, KV "
+            "cache and activations; e.g. 20GiB): bounded by the computed KV cache, then measured.",
+            rich_help_panel=_SPEED,
+        ),
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="Cap on the --memory-budget search.", rich_help_panel=_SPEED)
+    ] = None,
     device: Annotated[
         str, typer.Option(help="auto (GPU if there is one), cpu, cuda or cuda:N.", rich_help_panel=_RUN)
     ] = "auto",
@@ -194,7 +229,8 @@ def evaluate(
     plot: Annotated[
         Path | None,
         typer.Option(
-            help="Write PNG charts (perplexity vs KV cache, tokens/s vs context) into this folder.",
+            help="Write PNG charts (perplexity vs KV cache; tokens/s vs batch for one --context, else vs context) "
+            "into this folder.",
             rich_help_panel=_OUT,
         ),
     ] = None,
@@ -222,6 +258,25 @@ def evaluate(
                 raise OutputExistsError(f"--json {json_path} exists; choose another path or pass --overwrite")
         if plot is not None:
             check_output_dir(plot, overwrite)
+        data_cfg = None
+        if data:
+            data_cfg = DataConfig(
+                source=data if len(data) > 1 else data[0],
+                name=data_name,
+                split=split,
+                text_column=text_column,
+                streaming=streaming,
+                eval_split=eval_split,
+                eval_fraction=eval_fraction,
+                eval_documents=eval_documents,
+                max_documents=max_documents,
+                sample_by=SampleBy(sample_by).value,
+                seed=seed,
+            )
+        if Engine(engine).value == "llama.cpp":
+            _run_llama_cpp(data_cfg)
+            return
+        from ..evaluation.capacity import parse_bytes
 
         opts = EvalOptions(
             contexts=_int_list(context, "--context"),
@@ -240,22 +295,10 @@ def evaluate(
             skip_speed=skip_speed,
             seed=seed,
             trust_remote_code=trust_remote_code,
+            decode_paths=tuple(dict.fromkeys(p for p in decode_path.replace(" ", "").split(",") if p)),
+            memory_budget=parse_bytes(memory_budget) if memory_budget is not None else None,
+            max_batch=max_batch,
         )
-        data_cfg = None
-        if data:
-            data_cfg = DataConfig(
-                source=data if len(data) > 1 else data[0],
-                name=data_name,
-                split=split,
-                text_column=text_column,
-                streaming=streaming,
-                eval_split=eval_split,
-                eval_fraction=eval_fraction,
-                eval_documents=eval_documents,
-                max_documents=max_documents,
-                sample_by=SampleBy(sample_by).value,
-                seed=seed,
-            )
         report = run_evaluation(model, baseline=baseline, data=data_cfg, options=opts, tokenizer=tokenizer)
         console.print(report_table(report))
         if json_path is not None:
@@ -263,6 +306,50 @@ def evaluate(
             console.print(f"wrote {json_path}")
         if plot is not None:
             for p in write_plots(report, plot, overwrite=overwrite):
+                console.print(f"wrote {p}")
+
+    def _run_llama_cpp(data_cfg: Any) -> None:
+        """--engine llama.cpp: GGUF files measured in llama.cpp's engine."""
+        from ..evaluation.llama_cpp import evaluate_engine
+        from ..evaluation.report import engine_table, write_engine_plots, write_json
+        from ..evaluation.run import eval_texts
+
+        not_for_engine = {
+            "--round-trip": bool(round_trip),
+            "--decode-path static": "static" in decode_path,
+            "--memory-budget": memory_budget is not None,
+            "--dtype": DType(dtype).value != "auto",
+            "--device": device not in ("auto", "cpu"),
+            "--tokenizer": tokenizer is not None,
+        }
+        given = [k for k, v in not_for_engine.items() if v]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} apply to --engine transformers; llama.cpp runs the GGUF as stored, on the CPU "
+                "with its own tokenizer: leave them out"
+            )
+        report = evaluate_engine(
+            model,
+            baseline=baseline,
+            texts=eval_texts(data_cfg, held_out) if data_cfg is not None else None,
+            contexts=_int_list(context, "--context"),
+            sequences=_int_list(batch_size, "--batch-size"),
+            new_tokens=new_tokens,
+            warmup=warmup,
+            repeats=repeats,
+            threads=threads,
+            max_length=max_length or 512,
+            stride=stride,
+            max_eval_tokens=max_eval_tokens,
+            skip_speed=skip_speed,
+            seed=seed,
+        )
+        console.print(engine_table(report))
+        if json_path is not None:
+            write_json(report, json_path)
+            console.print(f"wrote {json_path}")
+        if plot is not None:
+            for p in write_engine_plots(report, plot, overwrite=overwrite):
                 console.print(f"wrote {p}")
 
     run_command(body)

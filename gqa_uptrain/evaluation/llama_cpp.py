@@ -47,8 +47,8 @@ INSTALL_HINT = "install llama-cpp-python with scripts/setup.sh (it builds llama.
 
 # "llama_kv_cache: size =  180.00 MiB (  8192 cells,  30 layers,  1/1 seqs), K (f16):   90.00 MiB, V (f16):   90.00 MiB"
 _KV_LINE = re.compile(
-    r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers,.*?K \((\w+)\):\s*([\d.]+) MiB,"
-    r"\s*V \((\w+)\):\s*([\d.]+) MiB"
+    r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+)/(\d+) seqs\),"
+    r"\s*K \((\w+)\):\s*[\d.]+ MiB,\s*V \((\w+)\):\s*[\d.]+ MiB"
 )
 _MIB = 1024 * 1024
 
@@ -162,7 +162,9 @@ class EngineModel:
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise CheckpointError(f"{self.path} is not a file; --engine llama.cpp takes GGUF files (MODEL.gguf)")
+            raise CheckpointError(
+                f"{self.path} is not a file; --engine llama.cpp takes GGUF files (MODEL.gguf)"
+            )
         with open(self.path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise CheckpointError(
@@ -268,21 +270,29 @@ class EngineContext:
         self.n_vocab = model.layout.vocab_size
 
     def _allocation(self, log: str, cells: int, sequences: int) -> KVAllocation:
-        m = _KV_LINE.search(log)
-        if m is None:
+        """Sum every cache line of the log (models with sliding-window layers get two caches)."""
+        found = _KV_LINE.findall(log)
+        if not found:
             raise GQAError(
                 "llama.cpp's log has no 'llama_kv_cache: size = ...' line to read the allocated cache from "
                 "(a llama-cpp-python version this toolkit does not know; reinstall it with scripts/setup.sh)"
             )
-        total_mib, n_cells, _, k_type, _, v_type, _ = m.groups()
-        elem = {"f16": 2, "bf16": 2, "f32": 4}.get(k_type, 2)
+        lay = self.model.layout
+        allocated = computed = total_cells = 0
+        for total_mib, n_cells, n_layers, _, n_stream, k_type, _v in found:
+            elem = {"f16": 2, "bf16": 2, "f32": 4}.get(k_type, 2)
+            # cells per stream x streams (one stream per sequence unless the cache is unified)
+            tokens = int(n_cells) * int(n_stream)
+            allocated += round(float(total_mib) * _MIB)
+            computed += int(n_layers) * lay.num_kv_heads * (lay.head_dim_k + lay.head_dim_v) * tokens * elem
+            total_cells = max(total_cells, tokens)
         return KVAllocation(
-            cells=int(n_cells),
+            cells=total_cells,
             sequences=sequences,
-            allocated_bytes=round(float(total_mib) * _MIB),
-            computed_bytes=self.model.layout.kv_bytes(int(n_cells), elem),
-            k_type=k_type,
-            v_type=v_type,
+            allocated_bytes=allocated,
+            computed_bytes=computed,
+            k_type=found[0][5],
+            v_type=found[0][6],
         )
 
     def clear(self) -> None:
@@ -294,7 +304,9 @@ class EngineContext:
         if not self.lib.llama_memory_seq_rm(self.mem, seq, start, -1):
             raise GQAError(f"llama.cpp could not remove positions {start}.. of sequence {seq}")
 
-    def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], outputs: Sequence[bool]) -> int:
+    def decode(
+        self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], outputs: Sequence[bool]
+    ) -> int:
         """One ``llama_decode`` call over the given tokens; returns how many rows of logits it produced."""
         b = self.batch
         n = len(tokens)
@@ -309,7 +321,9 @@ class EngineContext:
         b.n_tokens = n
         rc = self.lib.llama_decode(self.ctx, b)
         if rc != 0:
-            raise GQAError(f"llama_decode failed with code {rc} (the KV cache is full or the batch is invalid)")
+            raise GQAError(
+                f"llama_decode failed with code {rc} (the KV cache is full or the batch is invalid)"
+            )
         return sum(bool(o) for o in outputs)
 
     def logits(self, rows: int) -> np.ndarray:
@@ -431,7 +445,9 @@ class _SpeedRun:
         self.context, self.sequences, self.new_tokens = context, sequences, new_tokens
         self.prompt_len = context - new_tokens
         rng = np.random.default_rng(seed)
-        prompts = [rng.integers(0, model.layout.vocab_size, self.prompt_len).tolist() for _ in range(sequences)]
+        prompts = [
+            rng.integers(0, model.layout.vocab_size, self.prompt_len).tolist() for _ in range(sequences)
+        ]
         self.ctx = model.context(context * sequences, sequences)
         start = time.perf_counter()
         self.firsts = self.ctx.prefill(prompts)
@@ -576,7 +592,9 @@ class EngineReport:
         return d
 
 
-def tokenize_for_engine(model: EngineModel, texts: Any, max_tokens: int | None, add_eos: bool = True) -> list[int]:
+def tokenize_for_engine(
+    model: EngineModel, texts: Any, max_tokens: int | None, add_eos: bool = True
+) -> list[int]:
     """Documents -> one token stream with llama.cpp's tokenizer, EOS after each (as uptraining does)."""
     ids: list[int] = []
     for text in texts:

@@ -13,11 +13,13 @@ import torch
 from ..data import DataConfig
 from ..data.text import load_text_dataset, split_train_eval, tokenizer_fingerprint
 from ..errors import ConfigError, GQAError
+from .capacity import LargestBatch, largest_batch
 from .kv_cache import KVCacheCheck, KVLayout, kv_layout, measure_cache
 from .loading import LoadedModel, load_model, max_positions
 from .perplexity import PerplexityResult, perplexity, tokenize_documents
 from .precision import FORMATS, rounded, weight_stats
 from .speed import SpeedResult, measure_speed
+from .static_decode import PATHS
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,14 @@ class EvalOptions:
     """auto (float32 on CPU, the checkpoint's on GPU), float32, bfloat16, float16."""
     skip_speed: bool = False
     """Do not time generation (KV-cache sizes and perplexity only)."""
+    decode_paths: Sequence[str] = ("eager",)
+    """How the speed runs decode: ``eager`` (``model.generate``) and/or ``static`` (static cache and a
+    compiled decode step, :mod:`gqa_uptrain.evaluation.static_decode`)."""
+    memory_budget: int | None = None
+    """With a budget in bytes: also find the largest batch that decodes at each context within it
+    (:func:`gqa_uptrain.evaluation.capacity.largest_batch`)."""
+    max_batch: int | None = None
+    """Cap on the largest-batch search."""
     seed: int = 0
     """Seed of the random prompts of the cache and speed runs."""
     round_trips: Sequence[str] = ()
@@ -79,6 +89,11 @@ class EvalOptions:
             raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
         if self.max_eval_tokens is not None and self.max_eval_tokens < 2:
             raise ConfigError(f"--max-eval-tokens must be at least 2, got {self.max_eval_tokens}")
+        bad_paths = [p for p in self.decode_paths if p not in PATHS]
+        if not self.decode_paths or bad_paths:
+            raise ConfigError(f"--decode-path takes {' and/or '.join(PATHS)}, got {list(self.decode_paths)}")
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise ConfigError("--memory-budget must be positive")
         unknown = [f for f in self.round_trips if f not in FORMATS]
         if unknown:
             raise ConfigError(f"--round-trip takes {' or '.join(FORMATS)}, got {', '.join(unknown)}")
@@ -120,6 +135,7 @@ class ModelEval:
     speed: list[SpeedResult] = field(default_factory=list)
     round_trips: list[RoundTripEval] = field(default_factory=list)
     weights: dict[str, Any] | None = None  # precision.weight_stats, measured with --round-trip
+    largest_batches: list[LargestBatch] = field(default_factory=list)  # with --memory-budget
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view."""
@@ -138,6 +154,7 @@ class ModelEval:
             "speed": [s.to_dict() for s in self.speed],
             "round_trips": [r.to_dict() for r in self.round_trips],
             "weights": self.weights,
+            "largest_batch": [lb.to_dict() for lb in self.largest_batches],
         }
 
 
@@ -182,17 +199,36 @@ def relative(model: ModelEval, base: ModelEval) -> dict[str, Any]:
         for r in model.round_trips
         if r.fmt in base_rt
     }
-    base_speed = {(s.context, s.batch): s for s in base.speed}
+    base_speed = {(s.context, s.batch, s.path): s for s in base.speed}
     rel["decode_tokens_per_s"] = [
         {
             "context": s.context,
             "batch": s.batch,
-            "ratio": s.decode_tokens_per_s / base_speed[(s.context, s.batch)].decode_tokens_per_s,
+            "path": s.path,
+            "ratio": s.decode_tokens_per_s / base_speed[(s.context, s.batch, s.path)].decode_tokens_per_s,
         }
         for s in model.speed
-        if (s.context, s.batch) in base_speed
+        if (s.context, s.batch, s.path) in base_speed
+    ]
+    base_fit = {lb.context: lb for lb in base.largest_batches}
+    rel["largest_batch"] = [
+        {
+            "context": lb.context,
+            "model": lb.largest_batch,
+            "baseline": base_fit[lb.context].largest_batch,
+            "ratio": lb.largest_batch / base_fit[lb.context].largest_batch
+            if base_fit[lb.context].largest_batch
+            else None,
+        }
+        for lb in model.largest_batches
+        if lb.context in base_fit
     ]
     return rel
+
+
+def eval_texts(data: DataConfig, held_out: bool = False) -> Any:
+    """The texts (one per document) perplexity is measured on: what ``gqa-eval --data`` reads."""
+    return (row[data.text_column] for row in _documents(data, held_out))
 
 
 def _documents(data: DataConfig, held_out: bool) -> Any:
@@ -286,13 +322,26 @@ def evaluate_model(
         if opts.round_trips:
             result.weights = weight_stats(model)
     if not opts.skip_speed:
-        for context in opts.contexts:
-            for batch in opts.batch_sizes:
-                result.speed.append(
-                    measure_speed(
-                        model, context, batch, opts.new_tokens, opts.warmup, opts.repeats, seed=opts.seed
+        for path in opts.decode_paths:
+            for context in opts.contexts:
+                for batch in opts.batch_sizes:
+                    result.speed.append(
+                        measure_speed(
+                            model,
+                            context,
+                            batch,
+                            opts.new_tokens,
+                            opts.warmup,
+                            opts.repeats,
+                            seed=opts.seed,
+                            path=path,
+                        )
                     )
-                )
+    if opts.memory_budget is not None:
+        for context in opts.contexts:
+            result.largest_batches.append(
+                largest_batch(model, context, opts.memory_budget, max_batch=opts.max_batch)
+            )
     return result
 
 
