@@ -156,6 +156,27 @@ def convert(
             show_default=False,
         ),
     ] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where calibration, the closed-form fits and refinement compute: [bold]auto[/] (the first "
+            "CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N. One decoder layer at a time "
+            "moves onto it; refinement trains in bf16 autocast on GPUs (weights, error checks and "
+            "least-squares solves stay float32/float64). Writing the checkpoint stays on the host.",
+            rich_help_panel=CAL,
+        ),
+    ] = "auto",
+    max_device_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Most memory the calibrated path may keep on --device, e.g. 20GB. Default: 90% of the "
+            "GPU's free memory (no limit on the CPU). Calibration activations that do not fit next to the "
+            "layer at work live in (pinned) host memory instead, one batch moved over at a time; the log "
+            "says which.",
+            rich_help_panel=CAL,
+            show_default=False,
+        ),
+    ] = None,
     dtype: Annotated[
         DType | None,
         typer.Option(
@@ -269,6 +290,8 @@ def convert(
             calibration_seq_len=calibration_seq_len if calibration else None,
             grouping=grouping.value,
             refine=refine_arg,
+            device=device,
+            max_device_memory=max_device_memory,
             revision=revision,
             gguf_file=gguf_file,
             allow_pickle=allow_pickle,
