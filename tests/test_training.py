@@ -138,24 +138,25 @@ def test_crash_then_resume_from_last_checkpoint_matches(world, reference, tmp_pa
     assert_same_weights(weights(out), weights(ref_out))
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_checkpoint(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("chunk", [0, 4096])  # the plain loss, the chunked loss
+def test_nan_loss_stops_naming_the_step_and_keeps_checkpoint(world, tmp_path, monkeypatch, chunk):
     out = tmp_path / "run"
-    real = loop.causal_lm_loss
+    name = "chunked_lm_loss" if chunk else "causal_lm_loss"
+    real = getattr(loop, name)
     calls = {"n": 0}
 
-    def nan_at_step_6(logits, ids, per_sequence=False):
-        loss = real(logits, ids, per_sequence)
-        if not per_sequence:  # training calls only
-            calls["n"] += 1
-            if calls["n"] == 6:
-                return loss * float("nan")
+    def nan_at_step_6(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            return (loss[0] * float("nan"), loss[1]) if chunk else loss * float("nan")
         return loss
 
-    monkeypatch.setattr(loop, "causal_lm_loss", nan_at_step_6)
+    monkeypatch.setattr(loop, name, nan_at_step_6)
     with pytest.raises(
         GQAError, match=r"loss became nan at step 6;.*last good checkpoint is .*step_00000004"
     ):
-        run(world, out)
+        run(world, out, speed={"loss_chunk_tokens": chunk})
     ckpt = checkpointing.latest_checkpoint(out)
     assert ckpt.name == "step_00000004"
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 4

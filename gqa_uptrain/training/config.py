@@ -1,7 +1,7 @@
 """Uptraining recipes: typed config dataclasses, YAML loading and ``key.sub=value`` overrides.
 
 A recipe is a YAML mapping whose sections map one-to-one onto the dataclasses below
-(``model``, ``data``, ``optim``, ``schedule``, ``budget``, ``distill``, ``freeze``, ``eval``,
+(``model``, ``data``, ``optim``, ``schedule``, ``budget``, ``distill``, ``freeze``, ``lora``, ``speed``, ``eval``,
 ``checkpoint``, ``output``, plus a top-level ``seed``). Validation is strict and happens before
 anything is loaded: an unknown key, a value of the wrong type or a missing required field raises
 :class:`~gqa_uptrain.errors.ConfigError` naming the dotted key, e.g.
@@ -115,6 +115,47 @@ class FreezeConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, through peft) instead of full-parameter training; QLoRA on a 4-bit base.
+
+    The final ``model/`` is the adapters merged into a plain checkpoint in the checkpoint's own dtype
+    (no peft needed to load it); the adapters alone are saved beside it in ``adapters/``.
+    """
+
+    mode: Literal["none", "lora", "qlora"] = "none"
+    """``none``: train the weights themselves (``freeze.mode`` decides which); ``lora``: train
+    adapters on a frozen base in float32; ``qlora``: the frozen base's linear layers in 4 bits
+    (bitsandbytes), the adapters in float32."""
+    rank: int = 16
+    """Rank r of each adapter (B @ A with A [r, in], B [out, r])."""
+    alpha: float = 32.0
+    """Scale: the adapter's output is multiplied by alpha / rank."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input."""
+    targets: list[str] = field(default_factory=lambda: ["attention"])
+    """Which linear layers get adapters: ``attention`` (Q, K, V and output projections), ``kv``
+    (K and V only), ``mlp`` (the feed-forward layers), or module-name suffixes such as ``k_proj``."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """QLoRA's 4-bit data type."""
+    double_quant: bool = True
+    """QLoRA: quantize the quantization constants too (about 0.4 bits per weight saved)."""
+
+
+@dataclass
+class SpeedConfig:
+    """How the training step runs (not what it computes: every setting gives the same loss curve)."""
+
+    compile: bool | None = None
+    """``torch.compile`` the model; ``None``: on a CUDA GPU, off on CPU (where compiling takes longer
+    than a short run saves)."""
+    compile_mode: str | None = None
+    """``torch.compile`` mode (``default``, ``reduce-overhead``, ``max-autotune``); ``None``: default."""
+    loss_chunk_tokens: int = 4096
+    """Compute the loss from hidden states this many positions at a time, never materialising the
+    float32 ``[B, T, V]`` logits (0: the plain loss from the model's logits)."""
+
+
+@dataclass
 class EvalConfig:
     """Held-out loss and perplexity."""
 
@@ -179,6 +220,8 @@ class UptrainConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -355,8 +398,33 @@ def _check(cfg: UptrainConfig) -> UptrainConfig:
         raise ConfigError(
             "recipe keys output.resume and output.overwrite: pick one (continue, or start over)"
         )
+    _check_lora_and_speed(cfg)
     _check_hub(cfg.output)
     return cfg
+
+
+def _check_lora_and_speed(cfg: UptrainConfig) -> None:
+    """The LoRA and speed keys: positive sizes, known targets, no second say on what trains."""
+    lo, sp = cfg.lora, cfg.speed
+    if sp.loss_chunk_tokens < 0:
+        raise ConfigError(f"recipe key speed.loss_chunk_tokens: must be >= 0, got {sp.loss_chunk_tokens}")
+    if lo.mode == "none":
+        return
+    if lo.rank <= 0:
+        raise ConfigError(f"recipe key lora.rank: must be positive, got {lo.rank}")
+    if lo.alpha <= 0:
+        raise ConfigError(f"recipe key lora.alpha: must be positive, got {lo.alpha}")
+    if not 0 <= lo.dropout < 1:
+        raise ConfigError(f"recipe key lora.dropout: expected a fraction in [0, 1), got {lo.dropout}")
+    if not lo.targets or any(not t.strip() for t in lo.targets):
+        raise ConfigError(
+            "recipe key lora.targets: give at least one of attention, kv, mlp or a module name such as k_proj"
+        )
+    if cfg.freeze.mode != "none":
+        raise ConfigError(
+            f"recipe keys lora.mode={lo.mode} and freeze.mode={cfg.freeze.mode}: with LoRA the adapters are "
+            "what trains; choose lora.targets instead and leave freeze.mode=none"
+        )
 
 
 def _check_hub(out: OutputConfig) -> None:

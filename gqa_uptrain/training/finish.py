@@ -101,12 +101,34 @@ def save_final_model(
     """Save ``out/model`` in Hugging Face format (sharded safetensors in the checkpoint's original
     dtype, tokenizer, config, modelling code, model card with an uptraining section)."""
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # every rank: FSDP / ZeRO-3 gather here
+    lora = cfg.lora.mode != "none"
+    # every rank: FSDP / ZeRO-3 gather here (LoRA runs neither: its merge happens on the main process)
+    state_dict = None if lora else accelerator.get_state_dict(model)
     dest = out / "model"
     with all_ranks(accelerator, f"saving the model to {dest}"):
         if accelerator.is_main_process:
+            if lora:
+                model, state_dict = _merge_adapters(cfg, accelerator.unwrap_model(model), out)
             _write_final_model(cfg, accelerator, model, state_dict, tokenizer, out, save_dtype, result)
     return dest
+
+
+def _merge_adapters(cfg: UptrainConfig, model: torch.nn.Module, out: Path) -> tuple[torch.nn.Module, dict]:
+    """LoRA / QLoRA: save the adapters to ``out/adapters`` and give the base with them merged in."""
+    from ..io.models import load_pretrained
+    from .lora import merged_model
+
+    def load_base() -> torch.nn.Module:  # QLoRA: the checkpoint's own weights, not their 4-bit copies
+        return load_pretrained(
+            cfg.model.path, what="model.path", task="causal-lm", dtype=torch.float32, revision=cfg.model.revision,
+            trust_remote_code=cfg.model.trust_remote_code, with_tokenizer=False,
+        ).model  # fmt: skip
+
+    merged, state_dict = merged_model(model, cfg, out / "adapters", load_base)
+    logger.info(
+        "merged the %s adapters into the base (adapters saved in %s)", cfg.lora.mode, out / "adapters"
+    )
+    return merged, state_dict
 
 
 def _write_final_model(

@@ -36,6 +36,7 @@ from .checkpointing import prepare_output, resume, run_lock
 from .config import OptimConfig, UptrainConfig, dump_recipe
 from .distributed import all_ranks, one_line
 from .models import checkpoint_dtype, select_trainable
+from .speed import apply_speed_settings
 from .state import Run, TrainState
 
 logger = logging.getLogger(__name__)
@@ -236,6 +237,25 @@ def _load_student(cfg: UptrainConfig) -> tuple[torch.nn.Module, int]:
     return model, n_trainable
 
 
+def _apply_lora(
+    cfg: UptrainConfig, accelerator: Accelerator, model: torch.nn.Module
+) -> tuple[torch.nn.Module, int]:
+    """LoRA / QLoRA adapters on the frozen student (:mod:`.lora`); checkpoints then hold the adapters."""
+    from .lora import apply_lora, register_adapter_checkpointing
+
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(
+            f"recipe key lora.mode: {cfg.lora.mode} runs in one process or with DDP, not under "
+            f"{accelerator.distributed_type.value} (the adapters are small: every process holds them whole); "
+            "launch with recipes/accelerate/ddp.yaml or torchrun"
+        )
+    mp = str(accelerator.mixed_precision)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
+    model, n_trainable = apply_lora(model, cfg.lora, accelerator.device, compute_dtype, cfg.model.path)
+    register_adapter_checkpointing(accelerator)
+    return model, n_trainable
+
+
 def _load_teacher(cfg: UptrainConfig, accelerator: Accelerator, student: torch.nn.Module) -> torch.nn.Module:
     """The frozen teacher on this process's device (bf16 when the run computes in bf16)."""
     dtype = torch.bfloat16 if mp_is_bf16(accelerator) else torch.float32
@@ -360,6 +380,8 @@ def setup(
         # in this dtype (bf16 in, bf16 out), whatever the training precision.
         save_dtype = checkpoint_dtype(cfg.model.path, cfg.model.revision)
         model, n_trainable = _load_student(cfg)
+        if cfg.lora.mode != "none":
+            model, n_trainable = _apply_lora(cfg, accelerator, model)
         teacher = _load_teacher(cfg, accelerator, model) if cfg.distill.teacher else None
         total_steps = cfg.total_steps(accelerator.num_processes)
         optimizer, scheduler = _optimizer_and_schedule(cfg, accelerator, model, total_steps)
@@ -368,6 +390,8 @@ def setup(
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
+    with all_ranks(accelerator, "applying the speed settings"):
+        head = apply_speed_settings(cfg, accelerator, model)
     if data.num_train_blocks is not None and len(train_loader) == 0:
         raise GQAError(
             f"training data has {data.num_train_blocks} blocks, fewer than one batch of "
@@ -376,7 +400,7 @@ def setup(
     run = Run(cfg=cfg, accelerator=accelerator, out=out, tokenizer=tokenizer, data=data, model=model, teacher=teacher,
               optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, eval_loader=eval_loader,
               total_steps=total_steps, save_dtype=save_dtype, trainable_parameters=n_trainable,
-              trackers=_trackers(cfg))  # fmt: skip
+              trackers=_trackers(cfg), head=head)  # fmt: skip
 
     state = TrainState()
     if resume_from is not None:

@@ -73,6 +73,8 @@ class Run:
     save_dtype: torch.dtype  # the checkpoint's own dtype: the final model is saved in it
     trainable_parameters: int  # how many weights train (freeze.mode)
     trackers: list[str]
+    head: Any = None  # losses.OutputHead when the chunked loss is in use (the model returns hidden states)
+    guard: Any = None  # loop.NonFiniteGuard: the device-side record of a non-finite loss
 
     @property
     def world(self) -> int:
