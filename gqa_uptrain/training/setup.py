@@ -23,6 +23,7 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     DeepSpeedPlugin,
     GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
     ProjectConfiguration,
     set_seed,
 )
@@ -61,19 +62,19 @@ def _trackers(cfg: UptrainConfig) -> list[str]:
 
 
 def _refuse_sharding_on_cpu() -> None:
-    """Refuse an ``accelerate launch`` FSDP or DeepSpeed config on a machine without a GPU.
+    """Refuse an ``accelerate launch`` FSDP config on a machine without a GPU.
 
-    accelerate (1.x) turns FSDP and DeepSpeed on only for GPU-like devices: on CPU its state is
-    ``MULTI_CPU`` and the plugin is dropped, so the run would silently be plain data parallel with
-    the whole model on every process (FSDP v1's ``sync_module_states`` even fails to construct).
+    accelerate (1.x) turns FSDP on only for GPU-like devices: on CPU its state is ``MULTI_CPU`` and
+    the plugin is dropped, so the run would silently be plain data parallel with the whole model on
+    every process (FSDP v1's ``sync_module_states`` even fails to construct). DeepSpeed does run on
+    CPU processes (:func:`make_accelerator`).
     """
-    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(var, "false").lower() == "true":
-            raise ConfigError(
-                f"the accelerate config asks for {name}, which accelerate runs only on GPUs: on CPU it would be "
-                "plain data parallel with the whole model on every process; launch with "
-                "recipes/accelerate/multi-cpu.yaml (or torchrun) instead"
-            )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ConfigError(
+            "the accelerate config asks for FSDP, which accelerate runs only on GPUs: on CPU it would be "
+            "plain data parallel with the whole model on every process; launch with "
+            "recipes/accelerate/multi-cpu.yaml, or rehearse sharding with recipes/accelerate/deepspeed-zero3.yaml"
+        )
 
 
 def align_deepspeed_plugin(plugin: DeepSpeedPlugin, optim: OptimConfig) -> None:
@@ -88,6 +89,12 @@ def align_deepspeed_plugin(plugin: DeepSpeedPlugin, optim: OptimConfig) -> None:
     reads what ``accelerate launch`` put in the environment); DeepSpeed itself is not needed.
     """
     ds = plugin.deepspeed_config  # the dict the engine is built from
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        # ZeRO-3 holds no process's full weights: the final model/ is gathered (get_state_dict), which
+        # DeepSpeed allows only with this set. It changes nothing else (checkpoints stay sharded).
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        plugin.zero3_save_16bit_model = True
     for key, attr, recipe_key, want in (
         ("gradient_accumulation_steps", "gradient_accumulation_steps", "optim.grad_accum", optim.grad_accum),
         ("gradient_clipping", "gradient_clipping", "optim.grad_clip", optim.grad_clip),
@@ -121,15 +128,23 @@ def make_accelerator(cfg: UptrainConfig, out: Path) -> Accelerator:
     on_cpu = launched and not torch.cuda.is_available()
     if on_cpu:
         _refuse_sharding_on_cpu()
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    handlers = []
+    if on_cpu and use_deepspeed:
+        # DeepSpeed on CPU processes (DeepSpeed picks its CPU accelerator when no GPU is visible, or
+        # DS_ACCELERATOR=cpu): `cpu=True` would make accelerate drop the DeepSpeed plugin silently
+        # (plain DDP), and without a gloo process group every process believes it is rank 0 of 1.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     deepspeed_plugin = None
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if use_deepspeed:
         # Built here (accelerate would build the same from the environment) so that its
         # accumulation and clipping are the recipe's before the engine exists.
         deepspeed_plugin = DeepSpeedPlugin()
         align_deepspeed_plugin(deepspeed_plugin, cfg.optim)
     try:
         return Accelerator(
-            cpu=on_cpu,
+            cpu=on_cpu and not use_deepspeed,
+            kwargs_handlers=handlers,
             mixed_precision=_resolve_mixed_precision(cfg.optim.mixed_precision),
             gradient_accumulation_plugin=GradientAccumulationPlugin(
                 num_steps=cfg.optim.grad_accum, sync_with_dataloader=False
@@ -187,8 +202,10 @@ def claim_run_folder(cfg: UptrainConfig, accelerator: Accelerator, out: Path) ->
                     ) from None
                 ckpt = prepare_output(cfg, out)
                 atomic_write_text(out / "recipe.yaml", dump_recipe(cfg))
-                phase.share = str(ckpt) if ckpt else None
-        yield Path(phase.shared[0]) if phase.shared[0] else None
+                # Relative to the run folder: with checkpoint.save_on_each_node every node resumes
+                # from its own copy, wherever its disk holds the run folder.
+                phase.share = str(ckpt.relative_to(out)) if ckpt else None
+        yield out / phase.shared[0] if phase.shared[0] else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,8 +246,9 @@ def _load_student(cfg: UptrainConfig) -> tuple[torch.nn.Module, int]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     select_trainable(model, cfg.freeze.mode)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 has cut each parameter to a shard while loading: count the whole (ds_numel).
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    n_total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     logger.info(
         "training %s of %s parameters (freeze.mode=%s)", f"{n_trainable:,}", f"{n_total:,}", cfg.freeze.mode
     )
@@ -282,12 +300,20 @@ def _load_teacher(cfg: UptrainConfig, accelerator: Accelerator, student: torch.n
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (ndim >= 2), not biases and norm scales, as GPT-style recipes do."""
+    """Decay matrices, not biases and norm scales, as GPT-style recipes do.
+
+    A matrix is a parameter whose *model* shape has two or more dimensions: ZeRO-3 has already cut
+    every parameter into a 1-D shard when the model was loaded (``zero.Init`` in ``from_pretrained``)
+    and keeps the real shape in ``ds_shape``, so ``p.ndim`` would put everything in the no-decay
+    group (an empty decay group also breaks the schedule's step). Empty groups are left out.
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            shape = getattr(p, "ds_shape", None) or p.shape
+            (decay if len(shape) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def lr_multiplier(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:
