@@ -157,13 +157,15 @@ def measure_speed(
     repeats: int = 3,
     seed: int = 0,
     path: str = "eager",
+    compile_backend: str = "inductor",
 ) -> SpeedResult:
     """Time greedy generation of ``new_tokens`` tokens after a ``context``-token prompt, batch ``batch``.
 
     The prompt is random token ids (speed does not depend on the text). Encoder-decoder models get
     the prompt as encoder input. Returns medians over ``repeats`` runs after ``warmup`` runs.
     ``path``: ``eager`` (``model.generate``) or ``static`` (static cache and compiled decode step;
-    decoder-only models).
+    decoder-only models; ``compile_backend``: ``inductor`` or ``cudagraphs``, see
+    :class:`~gqa_uptrain.evaluation.static_decode.StaticDecoder`).
     """
     if new_tokens < 2:
         raise ValueError("new_tokens must be at least 2 to time decoding")
@@ -195,7 +197,7 @@ def measure_speed(
 
         if getattr(model.config, "is_encoder_decoder", False):
             raise ValueError("the static decode path is for decoder-only models; use --decode-path eager")
-        decoder = StaticDecoder(model, batch, context + new_tokens)
+        decoder = StaticDecoder(model, batch, context + new_tokens, backend=compile_backend)
         warmup = max(1, warmup)  # the first run compiles the decode step
 
         def run(clock: _StepClock) -> None:

@@ -59,7 +59,8 @@ class StaticDecoder:
     compile: bool = True
     backend: str = "inductor"
     """``torch.compile`` backend: ``inductor`` (generated kernels; ``reduce-overhead`` mode on a GPU) or
-    ``cudagraphs`` (transformers' own kernels replayed as CUDA graphs: compiles in seconds)."""
+    ``cudagraphs`` (transformers' own kernels replayed as CUDA graphs: compiles in seconds), or ``eager``
+    (traced by dynamo, run eagerly: checks the path end to end in seconds on a CPU)."""
     prefill_chunk: int | None = None
     """Process the prompt this many tokens at a time (bounds prefill activations; None: all at once)."""
     _cache: Any = field(init=False, repr=False)
@@ -76,11 +77,13 @@ class StaticDecoder:
             # Each decoder gets fresh compiled code: recompiling for every (batch, length) setting would
             # soon hit dynamo's recompile limit and fall back to eager without saying so.
             torch.compiler.reset()
-            if self.backend == "cudagraphs":
-                self._step = torch.compile(self.model.forward, backend="cudagraphs", dynamic=False, fullgraph=True)
-            else:
+            if self.backend == "inductor":
                 mode = "reduce-overhead" if self.device.type == "cuda" else None
                 self._step = torch.compile(self.model.forward, mode=mode, dynamic=False, fullgraph=True)
+            else:
+                self._step = torch.compile(
+                    self.model.forward, backend=self.backend, dynamic=False, fullgraph=True
+                )
 
     def _forward(self, fn: Any, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Run ``fn`` on ``ids`` ``(B, T)`` at positions ``start..start+T-1``; last position's logits ``(B, V)``."""
@@ -98,15 +101,19 @@ class StaticDecoder:
         return fn(**kwargs).logits[:, -1]
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, new_tokens: int, stamps: list[float] | None = None) -> torch.Tensor:
+    def generate(
+        self, input_ids: torch.Tensor, new_tokens: int, stamps: list[float] | None = None
+    ) -> torch.Tensor:
         """Greedy ``new_tokens`` tokens after ``input_ids`` ``(batch, T)``; returns ``(batch, new_tokens)``.
 
         ``stamps`` (optional) receives ``time.perf_counter()`` after each token is known (the first
         after the prompt's forward pass), as :mod:`~gqa_uptrain.evaluation.speed` times ``generate``.
         """
         B, T = input_ids.shape
-        if B != self.batch or T + new_tokens > self.max_len:
-            raise ValueError(f"decoder built for batch {self.batch}, {self.max_len} tokens; got {B} x {T}+{new_tokens}")
+        if self.batch != B or T + new_tokens > self.max_len:
+            raise ValueError(
+                f"decoder built for batch {self.batch}, {self.max_len} tokens; got {B} x {T}+{new_tokens}"
+            )
         self._cache.reset()
         tokens = []
         # Prefill eagerly: its shape changes with the prompt, and compiling it would cost more than it saves.
