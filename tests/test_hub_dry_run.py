@@ -131,6 +131,7 @@ def _header_end(path: Path) -> int:
     return min(i.begin for i in read_safetensors_header(path))
 
 
+@pytest.mark.slow  # child processes that import torch
 @pytest.mark.parametrize("shard", [None, "300KB"])
 def test_hub_dry_run_reads_headers_not_weights(make_model, tmp_path, shard):
     """Single-file and sharded checkpoints: the plan printed for the Hub id equals the local folder's,
@@ -184,6 +185,7 @@ def test_hub_dry_run_reads_headers_not_weights(make_model, tmp_path, shard):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a child process
 def test_hub_dry_run_unknown_repo_is_one_line(make_model, tmp_path):
     folder, _ = make_model("llama", num_heads=4, num_kv_heads=4)
     with FakeHubServer({"org/model": folder}) as hub:
@@ -194,6 +196,7 @@ def test_hub_dry_run_unknown_repo_is_one_line(make_model, tmp_path):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow  # a child process
 def test_hub_dry_run_refuses_a_bad_target_from_headers(make_model, tmp_path):
     """The checks a plan makes (here: G must divide the K/V heads) run on the remote headers too."""
     folder, _ = make_model("llama", num_heads=4, num_kv_heads=4)

@@ -235,7 +235,9 @@ def convert(
             "anything: check SOURCE, --num-kv-heads, OUTPUT and its free disk space as a real run would, "
             "and show the head counts, KV-cache saving and the files and bytes it would write. Takes "
             "seconds whatever the model size: a Hub SOURCE is planned from its config.json and the headers "
-            "of its safetensors files (HTTP range reads), never its weights.",
+            "of its safetensors files (HTTP range reads), never its weights. With --calibration it also "
+            "shows the calibrated path's peak host and device memory and an estimated time, from a few "
+            "refinement steps of one synthetic layer at the real width timed on --device.",
             rich_help_panel=IO,
         ),
     ] = False,
@@ -249,6 +251,13 @@ def convert(
     if dry_run:
         from ..conversion import plan_conversion
 
+        # With calibration text the plan also estimates the calibrated path (memory and time).
+        calibrated = calibration is not None and (
+            method is None or method.value == "aligned" or grouping.value == "similarity"
+        )
+        plan_steps = 0
+        if calibrated and refine is not False:
+            plan_steps = refine_steps if refine_steps is not None else _default_refine_steps()
         plan = run_command(
             lambda: plan_conversion(
                 source,
@@ -260,6 +269,11 @@ def convert(
                 revision=revision,
                 gguf_file=gguf_file,
                 allow_pickle=allow_pickle,
+                calibration_tokens=calibration_tokens if calibrated else None,
+                calibration_seq_len=calibration_seq_len,
+                refine_steps=plan_steps,
+                device=device,
+                max_device_memory=max_device_memory,
             )
         )
         if not quiet:
@@ -333,6 +347,48 @@ def convert(
         )
 
 
+def _default_refine_steps() -> int:
+    """The refinement budget a run uses when --refine-steps is not given."""
+    from ..merging.refine import RefineSpec
+
+    return RefineSpec().steps
+
+
+def _print_calibrated(plan: ConversionPlan) -> None:
+    """The calibrated path's line of the plan: peak memory and the estimated time."""
+    est = plan.calibrated
+    if est is None:
+        return
+    what = (
+        f"aligned + refinement (at most {est.refine_steps} steps per module)"
+        if est.refine_steps
+        else "aligned, closed form"
+    )
+    memory = f"peak host memory ~{format_bytes(est.host_peak_bytes)}"
+    if est.device_peak_bytes is not None:
+        where = "on the device" if est.activations_on_device else "in host memory"
+        memory += f", device memory ~{format_bytes(est.device_peak_bytes)} (activations {where})"
+    console.print(
+        f"calibrated path on {est.device} ({what}, {est.tokens:,} tokens in blocks of {est.seq_len}): {memory}",
+        highlight=False,
+    )
+    if est.seconds is not None and est.timing is not None:
+        console.print(
+            f"estimated time ~{_duration(est.seconds)} ({_duration(est.seconds_per_layer or 0)} per layer x "
+            f"{est.layers}), from {est.timing.what}: {est.timing.step_seconds:.3g} s per step",
+            highlight=False,
+        )
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``7.5 min`` or ``3.2 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _print_plan(plan: ConversionPlan, output: Path) -> None:
     """``--dry-run``'s report: head counts, KV cache, and the files and bytes a run would write."""
     from ..io.outputs import free_bytes
@@ -366,6 +422,7 @@ def _print_plan(plan: ConversionPlan, output: Path) -> None:
         + f" · nothing written to [bold]{output}[/]",
         highlight=False,
     )
+    _print_calibrated(plan)
 
 
 main = main_for(app)

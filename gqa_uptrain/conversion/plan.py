@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,9 @@ from ..io.outputs import (
     tree_bytes,
 )
 from ..io.writer import PlannedTensor, parse_size, planned_files
+
+if TYPE_CHECKING:
+    from .budget import CalibratedEstimate
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,8 @@ class ConversionPlan:
     support_bytes: int = 0
     """Room kept for config, tokenizer, generation config, model card and modelling code."""
     needs_trust_remote_code: bool = False
+    calibrated: CalibratedEstimate | None = None
+    """The calibrated path's peak memory and time, when the plan was asked for with calibration."""
 
     @property
     def tensor_bytes(self) -> int:
@@ -230,6 +235,12 @@ def plan_conversion(
     token: str | bool | None = None,
     gguf_file: str | None = None,
     allow_pickle: bool = False,
+    calibration_tokens: int | None = None,
+    calibration_seq_len: int = 512,
+    refine_steps: int = 0,
+    device: str | None = None,
+    max_device_memory: str | int | None = None,
+    time_steps: bool = True,
 ) -> ConversionPlan:
     """Plan the conversion :func:`convert` would run, from the tensor headers only.
 
@@ -242,7 +253,13 @@ def plan_conversion(
     read with HTTP range requests (:mod:`gqa_uptrain.io.hub_headers`): no weights are downloaded.
     Other Hub sources (GGUF, pickles) are downloaded first, as for :func:`convert`.
 
-    Args are as for :func:`convert`.
+    With ``calibration_tokens`` the plan also estimates the calibrated path
+    (:attr:`ConversionPlan.calibrated`): its peak host and device memory from the shapes, and its time
+    from a few refinement steps of one synthetic layer at the real width, timed on ``device``
+    (seconds; ``time_steps=False`` skips the timing and the time estimate).
+
+    Args are as for :func:`convert`; ``refine_steps`` is the refinement budget per module (0: the
+    closed-form fit only).
 
     Raises:
         GQAError: anything :func:`convert` would refuse before writing.
@@ -262,6 +279,20 @@ def plan_conversion(
         )
     try:
         planned, _, _ = _plan(src, num_kv_heads, _source_dtype(src, dtype), shard_bytes)
+        if calibration_tokens is not None:
+            from .budget import plan_calibrated
+
+            planned.calibrated = plan_calibrated(
+                src.config,
+                src.reader.infos(),
+                planned,
+                tokens=calibration_tokens,
+                seq_len=calibration_seq_len,
+                refine_steps=refine_steps,
+                device=device,
+                max_device_memory=max_device_memory,
+                time_steps=time_steps,
+            )
     finally:
         src.close()
     if output is not None:
