@@ -118,7 +118,7 @@ def _merge_adapters(cfg: UptrainConfig, model: torch.nn.Module, out: Path) -> tu
     from ..io.models import load_pretrained
     from .lora import merged_model
 
-    def load_base() -> torch.nn.Module:  # QLoRA: the checkpoint's own weights, not their 4-bit copies
+    def load_base() -> torch.nn.Module:  # the checkpoint's own weights, not their bf16 / 4-bit copies
         return load_pretrained(
             cfg.model.path, what="model.path", task="causal-lm", dtype=torch.float32, revision=cfg.model.revision,
             trust_remote_code=cfg.model.trust_remote_code, with_tokenizer=False,

@@ -11,8 +11,8 @@ linear layers in 4 bits (bitsandbytes NF4). The README's memory table gives the 
 * :func:`register_adapter_checkpointing`: checkpoints hold the adapters, not the frozen base (a
   7B base is 13 GiB per checkpoint in bf16; its adapters are tens of MiB), and ``--resume`` puts
   them back exactly.
-* :func:`merged_model`: the adapters merged into the base for ``model/``; under QLoRA into the
-  checkpoint's own weights read again from disk, not into their 4-bit copies.
+* :func:`merged_model`: the adapters merged for ``model/`` into the checkpoint's own weights, read
+  again from disk (not into the bf16 or 4-bit copy the run trained on).
 
 peft and bitsandbytes are optional (``pip install 'gqa-uptrain[lora]'`` / ``[qlora]``) and are
 imported only when a recipe asks for them.
@@ -193,6 +193,10 @@ def apply_lora(
     for p in wrapped.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # the adapters are the master weights
+        elif p.is_floating_point() and compute_dtype != torch.float32:
+            # The frozen base needs no float32 master copy: hold it in the compute dtype (half the
+            # memory); model/ is merged into the checkpoint's own weights read again (merged_model).
+            p.data = p.data.to(compute_dtype)
     n_train = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     logger.info(
         "LoRA r=%d alpha=%g on %d layers (%s): %s trainable weights",
@@ -263,18 +267,15 @@ def merged_model(
     """The base with the adapters merged in, as a plain transformers model, and its state dict.
 
     The adapters are saved in peft's format into ``adapters_dir`` first (an existing folder is
-    replaced). LoRA: the training model's float32 base is merged in place (the run is over). QLoRA:
-    the base is read again from the checkpoint by ``load_base()`` (float32, on the CPU) and the
-    adapters merged into it, so the saved model carries the checkpoint's own weights plus the
-    adapters' update, not a 4-bit rounding of them.
+    replaced). The base they are merged into is read again from the checkpoint by ``load_base()``
+    (float32, on the CPU): the training model's base may be a bf16 (LoRA on a GPU) or 4-bit (QLoRA)
+    copy, and the saved model must carry the checkpoint's own weights plus the adapters' update.
     """
     peft = _require_peft()
     from ..io.outputs import atomic_output_dir
 
     with atomic_output_dir(adapters_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp)
-    if cfg.lora.mode == "qlora":
-        base = load_base()
-        model = peft.PeftModel.from_pretrained(base, str(adapters_dir))
+    model = peft.PeftModel.from_pretrained(load_base(), str(adapters_dir))
     merged = model.merge_and_unload()
     return merged, merged.state_dict()
