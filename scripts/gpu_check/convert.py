@@ -287,7 +287,7 @@ def main() -> None:
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.tiny:
         args.layers = 1
-    args.smol_layers = args.smol_layers or (2 if args.tiny else 4)
+    args.smol_layers = args.smol_layers or 2
     work = Path(tempfile.mkdtemp(prefix="gpu_check_convert-"))
     try:
         calib, held = text_folders(work)
