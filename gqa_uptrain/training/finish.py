@@ -173,9 +173,22 @@ def _write_final_model(
     logger.info("saved uptrained model to %s (%s)", dest, str(save_dtype).removeprefix("torch."))
 
 
+def display_name(source: str) -> str:
+    """A model or data source as a run's outputs name it: its Hub id, else its file or folder name.
+
+    results.json, the card and the trackers' logs travel (uploaded, shared, attached to a paper):
+    a path such as ``/home/alice/runs/mqa`` says nothing to a reader and something about the machine.
+    """
+    from ..io.locate import is_hub_id
+
+    if is_hub_id(source):
+        return source
+    return Path(str(source)).expanduser().name or str(source)
+
+
 def _results(cfg: UptrainConfig, r: UptrainResult, accelerator: Accelerator) -> dict[str, Any]:
     return {
-        "model": cfg.model.path,
+        "model": display_name(cfg.model.path),
         "steps": r.steps,
         "tokens": r.tokens,
         "alpha": cfg.budget.alpha,
@@ -198,7 +211,7 @@ def _card_markdown(cfg: UptrainConfig, r: UptrainResult, accelerator: Accelerato
         "",
         "| | |",
         "|---|---|",
-        f"| data | {', '.join(f'`{s}`' for s in sources)}"
+        f"| data | {', '.join(f'`{display_name(s)}`' for s in sources)}"
         + (f" (config `{cfg.data.name}`)" if cfg.data.name else "")
         + f", split `{cfg.data.split}`, {cfg.data.block_size}-token blocks |",
         f"| steps | {r.steps} |",
@@ -219,7 +232,7 @@ def _card_markdown(cfg: UptrainConfig, r: UptrainResult, accelerator: Accelerato
     ]
     if cfg.distill.teacher:
         lines.append(
-            f"| distillation | KL to `{cfg.distill.teacher}`, weight {cfg.distill.weight:g}, T {cfg.distill.temperature:g} |"
+            f"| distillation | KL to `{display_name(cfg.distill.teacher)}`, weight {cfg.distill.weight:g}, T {cfg.distill.temperature:g} |"
         )
     # Uptraining's held-out perplexity: token-weighted over the held-out blocks (loop.held_out_perplexity).
     if r.eval_before and r.eval_after:

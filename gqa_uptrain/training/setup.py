@@ -365,6 +365,20 @@ def _loaders(cfg: UptrainConfig, data: PackedData) -> tuple[DataLoader, DataLoad
     return train, held_out
 
 
+def _portable_recipe(cfg: UptrainConfig) -> dict[str, Any]:
+    """The recipe as the trackers' logs record it: models, data and folders by Hub id or name, no
+    paths of this machine (:func:`~gqa_uptrain.training.finish.display_name`)."""
+    from .finish import display_name
+
+    d = cfg.to_dict()
+    for section, key in (("model", "path"), ("distill", "teacher"), ("data", "cache_dir"), ("output", "dir")):
+        if d[section].get(key):
+            d[section][key] = display_name(d[section][key])
+    source = d["data"]["source"]
+    d["data"]["source"] = display_name(source) if isinstance(source, str) else [display_name(s) for s in source]
+    return d
+
+
 def _flat_hparams(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested recipe -> flat scalars (what trackers such as TensorBoard's hparams accept)."""
     out: dict[str, Any] = {}
@@ -433,7 +447,7 @@ def setup(
         resume(run, state, resume_from)
     if run.trackers:
         with all_ranks(accelerator, "starting the trackers"):
-            accelerator.init_trackers("uptrain", config=_flat_hparams(cfg.to_dict()))
+            accelerator.init_trackers("uptrain", config=_flat_hparams(_portable_recipe(cfg)))
     if main and data.num_train_blocks is not None:
         # Micro-batches per epoch over micro-batches per step (not whole steps per epoch: with
         # accumulation a step can straddle two epochs).
