@@ -242,3 +242,21 @@ def test_package_import_takes_milliseconds():
     # Generous (about 10 ms here; torch alone takes over a second), and the best of three runs.
     seconds = min(_import_in_fresh_interpreter(PACKAGE)["seconds"] for _ in range(3))
     assert seconds < 0.5, seconds
+
+
+def test_merging_pieces_read_top_to_bottom():
+    """The merging stage's files and functions stay short enough to read in one go (issue 22 split
+    the 872-line ``aligned.py`` and the 135-line ``refine_module``): at most 650 lines a file, 110 a
+    function."""
+    long = []
+    for path in sorted((ROOT / "merging").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > 650:
+            long.append(f"{path.name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            size = (node.end_lineno or node.lineno) - node.lineno + 1
+            if size > 110:
+                long.append(f"{path.name}:{node.name}: {size} lines")
+    assert not long, long
