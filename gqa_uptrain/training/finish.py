@@ -228,7 +228,11 @@ def _card_markdown(cfg: UptrainConfig, r: UptrainResult, accelerator: Accelerato
         f"| batch | {cfg.optim.batch_size} × {cfg.optim.grad_accum} accumulation × {accelerator.num_processes} "
         f"process(es) = {cfg.optim.batch_size * cfg.optim.grad_accum * accelerator.num_processes} blocks |",
         f"| precision | {accelerator.mixed_precision} |",
-        f"| trained parameters | {cfg.freeze.mode if cfg.freeze.mode != 'none' else 'all'} ({r.trainable_parameters:,}) |",
+        f"| trained parameters | {cfg.freeze.mode if cfg.freeze.mode != 'none' else 'all'} ({r.trainable_parameters:,}) |"
+        if cfg.lora.mode == "none"
+        else f"| trained parameters | {'QLoRA (4-bit base)' if cfg.lora.mode == 'qlora' else 'LoRA'} r={cfg.lora.rank}, "
+        f"alpha {cfg.lora.alpha:g} on {', '.join(cfg.lora.targets)} ({r.trainable_parameters:,}), merged into this "
+        "checkpoint; the adapters are in the run's `adapters/` |",
     ]
     if cfg.distill.teacher:
         lines.append(
