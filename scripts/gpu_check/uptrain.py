@@ -35,7 +35,7 @@ import bench_uptrain  # noqa: E402  (scripts/bench_uptrain.py: the benchmark thi
 
 
 def bench_args(**kw) -> argparse.Namespace:
-    base = {"model": None, "preset": "tiny", "modes": "trainer,eager,compiled", "steps": 3, "warmup": 1,
+    base = {"model": None, "preset": "tiny", "modes": "trainer,eager,compiled", "steps": 2, "warmup": 1,
             "block_size": 32, "batch_size": 4, "grad_accum": 1, "chunk_tokens": 4096, "repeats": 1,
             "explain": False, "json": None}  # fmt: skip
     base.update(kw)
