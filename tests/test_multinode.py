@@ -9,11 +9,14 @@ starts them on a cluster.
 * ZeRO-3 with checkpoint.save_on_each_node: true and each node in its own folder (its own "disk"):
   node 1's process raises at step 5, both end naming it; each node checkpoints and rotates its own
   copy (node 1 holds only its shard) and resumes from it.
+* Two processes started by hand, the failed one lingering with its connections open (what NCCL's
+  collectives would leave the others waiting on): the survivor's failure watch ends it in seconds.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -95,3 +98,58 @@ def test_zero3_two_nodes_each_with_its_own_disk(world, reference, tmp_path):
     assert shards and all(s.startswith("zero_pp_rank_1_") for s in shards)  # node 1 holds its own shard only
     assert not (nodes[1] / "run" / "model").exists()  # the final model is written once, by node 0
     close(load_file(str(nodes[0] / "run/model/model.safetensors")), reference)
+
+
+LINGER = """
+if os.environ.get("GQA_FAIL_STEP") and os.environ.get("RANK") == os.environ.get("GQA_FAIL_RANK"):
+    import atexit
+
+    atexit.register(time.sleep, 120)  # the failed process stays, holding its connections
+"""
+
+
+def test_a_failed_process_that_lingers_does_not_hold_the_others(world, tmp_path):
+    """Two processes started by hand (no launcher to end the survivor). Process 1 raises at step 3,
+    then stays alive holding its connections, as a process whose collectives cannot fail fast (NCCL)
+    would leave the others blocked: the survivor's failure watch ends it within seconds, naming
+    process 1 and its error."""
+    import subprocess
+    import sys
+    import time
+
+    from _launch import INJECTOR, REPO, free_port
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(INJECTOR + LINGER)
+    r = write_recipe(tmp_path / "r.yaml", recipe(world, tmp_path / "run", 2))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "400",
+           "PYTHONPATH": os.pathsep.join([str(inject), str(REPO)]), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "GQA_FAIL_RANK": "1", "GQA_FAIL_STEP": "3",
+           "GQA_FAIL_STAMP": str(tmp_path / "failed_at")}  # fmt: skip
+    logs = [open(tmp_path / f"rank{rank}.log", "w+") for rank in (0, 1)]  # noqa: SIM115 (closed below)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gqa_uptrain.cli.uptrain", str(r)],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=logs[rank],
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    try:
+        assert procs[0].wait(timeout=180) == 2
+        ended = time.time()
+        assert procs[1].poll() is None, "the failed process lingers"
+        assert ended - float((tmp_path / "failed_at").read_text()) < 60
+        logs[0].seek(0)
+        text = logs[0].read()
+        named = "process 1 of 2 failed while training (step 3 of 12): RuntimeError: disk on fire"
+        assert text.count(named) == 1 and "Traceback" not in text, text[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
