@@ -76,12 +76,13 @@ def activation_bytes(model: torch.nn.Module, tokens: int) -> tuple[int, int]:
 
     head = OutputHead.attach(model, 4096)
     shapes = {tuple(p.shape) for p in model.parameters() if p.ndim == 2}
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}  # weights saved as they are
     seen: dict[int, int] = {}
     casts: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        if isinstance(t, torch.nn.Parameter) or t.requires_grad and t.is_leaf:
-            return t  # a weight, already counted
+        if isinstance(t, torch.nn.Parameter) or t.untyped_storage().data_ptr() in own:
+            return t  # a weight (or a view of one), already counted
         where = casts if tuple(t.shape) in shapes else seen
         try:
             ptr = t.untyped_storage().data_ptr()
