@@ -375,7 +375,9 @@ def _portable_recipe(cfg: UptrainConfig) -> dict[str, Any]:
         if d[section].get(key):
             d[section][key] = display_name(d[section][key])
     source = d["data"]["source"]
-    d["data"]["source"] = display_name(source) if isinstance(source, str) else [display_name(s) for s in source]
+    d["data"]["source"] = (
+        display_name(source) if isinstance(source, str) else [display_name(s) for s in source]
+    )
     return d
 
 
