@@ -44,6 +44,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64, help="Greedy tokens per decode repeat.")
     ap.add_argument("--formats", default="f16,q8_0", help="GGUF formats, comma-separated.")
     ap.add_argument(
+        "--flash-attn",
+        default="off,on",
+        help="llama.cpp flash-attention settings (auto|on|off), comma-separated: each is measured.",
+    )
+    ap.add_argument(
         "--settings",
         default="8192x1,2048x4",
         help="CONTEXTxSEQUENCES settings, comma-separated (context per sequence).",
@@ -75,26 +80,27 @@ def main() -> None:
                 cmd = [str(TF4), str(CONVERTER), str(folder), "--outfile", str(out), "--outtype", fmt]
                 subprocess.run(cmd, check=True, capture_output=True)
     summary = {}
-    for fmt in formats:
-        for setting in args.settings.split(","):
-            context, seqs = setting.split("x")
-            report = work / f"report-{fmt}-{setting}.json"
-            cmd = [
-                str(Path(sys.executable).with_name("gqa-eval")), "--engine", "llama.cpp",
-                str(work / f"mqa.{fmt}.gguf"), "--baseline", str(work / f"original.{fmt}.gguf"),
-                "--context", context, "--batch-size", seqs, "--new-tokens", str(args.new_tokens),
-                "--repeats", str(args.repeats), "--threads", str(args.threads), "--json", str(report), "--overwrite",
-            ]  # fmt: skip
-            before = load()
-            print(f"$ {' '.join(cmd)}\n  load before: {before}", flush=True)
-            subprocess.run(cmd, check=True)
-            rel = json.loads(report.read_text())["relative"]["speed"][0]
-            summary[f"{fmt} {setting}"] = {**rel, "load_before": before, "load_after": load()}
+    for fmt, fa, setting in (
+        (f, a, s) for f in formats for a in args.flash_attn.split(",") for s in args.settings.split(",")
+    ):
+        context, seqs = setting.split("x")
+        report = work / f"report-{fmt}-fa-{fa}-{setting}.json"
+        cmd = [
+            str(Path(sys.executable).with_name("gqa-eval")), "--engine", "llama.cpp",
+            str(work / f"mqa.{fmt}.gguf"), "--baseline", str(work / f"original.{fmt}.gguf"),
+            "--context", context, "--batch-size", seqs, "--new-tokens", str(args.new_tokens),
+            "--repeats", str(args.repeats), "--threads", str(args.threads), "--flash-attn", fa, "--json", str(report), "--overwrite",
+        ]  # fmt: skip
+        before = load()
+        print(f"$ {' '.join(cmd)}\n  load before: {before}", flush=True)
+        subprocess.run(cmd, check=True)
+        rel = json.loads(report.read_text())["relative"]["speed"][0]
+        summary[f"{fmt} fa-{fa} {setting}"] = {**rel, "load_before": before, "load_after": load()}
     print("\nllama.cpp, SmolLM2-135M 3 -> 1 (" + args.method + ") / original, " + f"{args.threads} threads:")
     for key, r in summary.items():
         ok = "OK" if r["decode_tokens_per_s"] >= 1.5 and abs(r["kv_bytes"] - 1 / 3) < 0.01 else "BELOW TARGET"
         print(
-            f"  {key:>14}: decode {r['decode_tokens_per_s']:.2f}x, prompt {r['prompt_tokens_per_s']:.2f}x, "
+            f"  {key:>20}: decode {r['decode_tokens_per_s']:.2f}x, prompt {r['prompt_tokens_per_s']:.2f}x, "
             f"KV {r['kv_bytes']:.3f}x  [{ok}]  (load {r['load_before']} -> {r['load_after']})"
         )
 

@@ -166,12 +166,13 @@ def test_gqa_eval_engine_llama_cpp_command(cases, python_docs, tmp_path):
     args = ["--engine", "llama.cpp", str(c["f16"]), "--baseline", str(c["original_f16"]), "--context", "64",
             "--batch-size", "1,2", "--new-tokens", "4", "--repeats", "1", "--threads", "2",
             "--data", str(python_docs / "tutorial" / "appetite.rst.txt"), "--max-eval-tokens", "200",
-            "--max-length", "64", "--json", str(out), "--plot", str(plots)]  # fmt: skip
+            "--max-length", "64", "--flash-attn", "off", "--json", str(out), "--plot", str(plots)]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     model, base = report["models"]
     assert report["engine"] == "llama.cpp" and model["layout"]["num_kv_heads"] == 2
+    assert report["options"]["flash_attn"] == "off" and "flash attention off" in result.output
     assert [(s["context"], s["sequences"]) for s in model["speed"]] == [(64, 1), (64, 2)]
     for s in model["speed"] + base["speed"]:
         assert s["decode_tokens_per_s"] > 0 and s["prompt_tokens_per_s"] > 0 and s["kv"]["match"]
@@ -186,3 +187,5 @@ def test_gqa_eval_engine_llama_cpp_command(cases, python_docs, tmp_path):
     assert bad.exit_code != 0 and "not a GGUF file" in bad.output
     bad = runner.invoke(app, ["--engine", "llama.cpp", str(c["f16"]), "--decode-path", "static"])
     assert bad.exit_code != 0 and "--decode-path static" in bad.output
+    bad = runner.invoke(app, [str(c["folder"]), "--flash-attn", "on"])
+    assert bad.exit_code != 0 and "--flash-attn applies to --engine llama.cpp" in bad.output

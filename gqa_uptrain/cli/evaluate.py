@@ -21,6 +21,7 @@ app = make_app(
 DType = Enum("DType", {n: n for n in ("auto", "float32", "bfloat16", "float16")}, type=str)  # type: ignore[misc]
 SampleBy = Enum("SampleBy", {n: n for n in ("document", "paragraph", "line")}, type=str)  # type: ignore[misc]
 Engine = Enum("Engine", {n: n for n in ("transformers", "llama.cpp")}, type=str)  # type: ignore[misc]
+FlashAttn = Enum("FlashAttn", {n: n for n in ("auto", "on", "off")}, type=str)  # type: ignore[misc]
 RoundTrip = Enum("RoundTrip", {n: n for n in ("bf16", "q8_0")}, type=str)  # type: ignore[misc]
 
 _MODELS = "Models"
@@ -66,6 +67,14 @@ def evaluate(
         int | None,
         typer.Option(help="--engine llama.cpp: CPU threads (default: all cores).", rich_help_panel=_MODELS),
     ] = None,
+    flash_attn: Annotated[
+        FlashAttn,
+        typer.Option(
+            help="--engine llama.cpp: flash attention (llama.cpp's -fa): auto is llama.cpp's own choice, on/off "
+            "force it. It changes how decode reads the KV cache, so the GQA gain: the report names it.",
+            rich_help_panel=_MODELS,
+        ),
+    ] = "auto",  # type: ignore[assignment]
     baseline: Annotated[
         str | None,
         typer.Option(
@@ -276,6 +285,8 @@ def evaluate(
         if Engine(engine).value == "llama.cpp":
             _run_llama_cpp(data_cfg)
             return
+        if FlashAttn(flash_attn).value != "auto":
+            raise ConfigError("--flash-attn applies to --engine llama.cpp; leave it out")
         from ..evaluation.capacity import parse_bytes
 
         opts = EvalOptions(
@@ -338,6 +349,7 @@ def evaluate(
             warmup=warmup,
             repeats=repeats,
             threads=threads,
+            flash_attn=FlashAttn(flash_attn).value,
             max_length=max_length or 512,
             stride=stride,
             max_eval_tokens=max_eval_tokens,

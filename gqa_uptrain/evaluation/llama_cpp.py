@@ -51,6 +51,10 @@ _KV_LINE = re.compile(
     r"\s*K \((\w+)\):\s*[\d.]+ MiB,\s*V \((\w+)\):\s*[\d.]+ MiB"
 )
 _MIB = 1024 * 1024
+# llama.cpp's flash-attention setting (llama_flash_attn_type): "auto" lets llama.cpp decide (its own
+# default, on for the CPU backend), "on"/"off" force it. It changes how attention reads the KV cache,
+# so decode speed (and a GQA model's gain over its MHA original) depends on it: reported with every figure.
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 
 
 def _lib() -> Any:
@@ -159,7 +163,10 @@ class KVAllocation:
 class EngineModel:
     """A GGUF file loaded into llama.cpp (CPU), with its tokenizer; make contexts with :meth:`context`."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, flash_attn: str = "auto") -> None:
+        if flash_attn not in FLASH_ATTN:
+            raise ConfigError(f"--flash-attn {flash_attn!r} is not one of {', '.join(FLASH_ATTN)}")
+        self.flash_attn = flash_attn
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(
@@ -258,6 +265,7 @@ class EngineContext:
         params.n_seq_max = sequences
         params.n_threads = model.threads
         params.n_threads_batch = model.threads
+        params.flash_attn_type = FLASH_ATTN[model.flash_attn]
         params.no_perf = True
         with _LOG as lines:
             self.ctx = lib.llama_init_from_model(model.model, params)
@@ -621,6 +629,7 @@ def evaluate_engine(
     warmup: int = 1,
     repeats: int = 3,
     threads: int | None = None,
+    flash_attn: str = "auto",
     max_length: int = 512,
     stride: int | None = None,
     max_eval_tokens: int | None = None,
@@ -635,7 +644,9 @@ def evaluate_engine(
     if new_tokens < 1 or repeats < 1 or warmup < 0:
         raise ConfigError("--new-tokens and --repeats must be at least 1, --warmup at least 0")
     paths = [p for p in (model, baseline) if p is not None]
-    loaded = [EngineModel(p, threads) for p in paths]  # every file is checked before any measurement
+    loaded = [
+        EngineModel(p, threads, flash_attn) for p in paths
+    ]  # every file is checked before any measurement
     try:
         evals = [
             EngineModelEval(name=str(p), role=role, layout=m.layout)
@@ -665,6 +676,7 @@ def evaluate_engine(
         "warmup": warmup,
         "repeats": repeats,
         "threads": loaded[0].threads,
+        "flash_attn": flash_attn,
         "max_length": max_length,
         "stride": stride or max(1, max_length // 2),
         "max_eval_tokens": max_eval_tokens,

@@ -244,7 +244,11 @@ def write_plots(report: EvalReport, folder: str | os.PathLike, overwrite: bool =
 
 def engine_table(report: Any) -> Table:
     """A rich table of an :class:`~gqa_uptrain.evaluation.llama_cpp.EngineReport` (llama.cpp's figures)."""
-    table = Table(title="gqa-eval --engine llama.cpp", show_lines=False)
+    o = report.options
+    table = Table(
+        title=f"gqa-eval --engine llama.cpp ({o.get('threads')} threads, flash attention {o.get('flash_attn', 'auto')})",
+        show_lines=False,
+    )
     table.add_column("metric", style="bold")
     for m in report.models:
         table.add_column(f"{m.role}\n{m.name}", overflow="fold")
