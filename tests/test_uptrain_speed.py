@@ -295,3 +295,18 @@ def test_qlora_runs_on_cpu_and_merges_into_the_original_weights(world, tmp_path)
         )
     assert json.loads((out / "adapters" / "adapter_config.json").read_text())["r"] == 4
     assert bnb.__version__
+
+
+def test_overwrite_clears_a_lora_runs_adapters(world, tmp_path):
+    """A folder holding only a LoRA run's adapters/ is a previous run; --overwrite removes them, so a
+    full-parameter run started over it leaves no stale adapters beside its model/."""
+    from gqa_uptrain.errors import OutputExistsError
+    from gqa_uptrain.training.checkpointing import prepare_output
+
+    out = tmp_path / "run"
+    (out / "adapters").mkdir(parents=True)
+    (out / "adapters" / "adapter_model.safetensors").write_bytes(b"old")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        prepare_output(config_from_dict(tiny_recipe(world, out)), out)
+    prepare_output(config_from_dict(tiny_recipe(world, out, output={"overwrite": True})), out)
+    assert not (out / "adapters").exists()

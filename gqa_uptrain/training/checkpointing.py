@@ -85,7 +85,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def prepare_output(cfg: UptrainConfig, out: Path) -> Path | None:
     """On the main process: refuse a folder with a previous run, clear it, or pick the checkpoint to resume from."""
     ckpt = latest_checkpoint(out)
-    has_run = ckpt is not None or (out / "model").exists() or (out / "recipe.yaml").exists()
+    has_run = ckpt is not None or any((out / p).exists() for p in ("model", "adapters", "recipe.yaml"))
     if cfg.output.resume:
         if ckpt is None:
             logger.warning("output.resume: no checkpoint in %s yet; starting from the beginning", out)
@@ -95,7 +95,7 @@ def prepare_output(cfg: UptrainConfig, out: Path) -> Path | None:
             raise OutputExistsError(
                 f"output folder {out} holds a previous run; pass --resume to continue it or --overwrite to start over"
             )
-        for sub in ("checkpoints", "model", "logs"):
+        for sub in ("checkpoints", "model", "adapters", "logs"):  # adapters/: a LoRA run's
             shutil.rmtree(out / sub, ignore_errors=True)
         for f in ("recipe.yaml", "results.json"):
             (out / f).unlink(missing_ok=True)
