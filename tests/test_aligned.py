@@ -398,10 +398,11 @@ def test_grouping_costs_equal_their_definitions(rot, key_mean):
         assert stats.aligned_cost(members) == pytest.approx(want, rel=1e-7, abs=1e-12)
 
 
-def test_prepare_keeps_only_fitted_maps_and_merges_bit_for_bit(make_model, tokens):
-    """prepare() fits each module as its layer is calibrated and keeps the small fitted maps, not
-    the [n+1, n+1] moments (memory bounded by one layer, not growing with depth); merge() then
-    writes exactly what fitting at merge time from the (float32-stored) moments wrote before."""
+def test_prepare_merges_and_spills_each_module_bit_for_bit(make_model, tokens):
+    """prepare() fits and merges each module as its layer is calibrated and spills the merged
+    blocks to disk, keeping neither the [n+1, n+1] moments nor the fitted maps in memory (memory
+    bounded by one layer, not growing with depth); merge() then writes exactly what fitting at
+    merge time from the (float32-stored) moments wrote before, and refuses a second merge."""
     from gqa_uptrain.architectures import get_architecture
     from gqa_uptrain.io.checkpoint import open_source
     from gqa_uptrain.merging.aligned import ModuleStats, _find, _module_tensors, _read_blocks, _write
@@ -414,12 +415,9 @@ def test_prepare_keeps_only_fitted_maps_and_merges_bit_for_bit(make_model, token
     try:
         method = _aligned(calib, "similarity")
         method.prepare(src, 2)
-        hkv, d, n = 4, 8, 64
-        for plan in method.plans.values():
-            tensors = [t for f in (*plan.fit.k_lin, *plan.fit.v) if f is not None for t in (f.c, f.a)]
-            tensors += [t for pair in plan.fit.k_pairs if pair for t in pair]
-            assert all(t.numel() < (n + 1) ** 2 for t in tensors)
-            assert plan.fit.nbytes < 2 * hkv * d * d * 8 + 4 * hkv * d * 16  # V maps + rotary pairs
+        assert all(plan.fit is None and plan.merged for plan in method.plans.values())
+        spilled = sorted(p.name for p in method._store.folder.iterdir())
+        assert spilled == sorted(f"{name}.safetensors" for name in method.plans)
         moments = {}
         collect_moments(src, calib, lambda m: moments.__setitem__(m.module_name, m), progress=False)
         units = _module_tensors(src, get_architecture(src.config))
@@ -440,6 +438,9 @@ def test_prepare_keeps_only_fitted_maps_and_merges_bit_for_bit(make_model, token
             for s, parts in want.items():
                 for role, t in parts.items():
                     assert torch.equal(got[s][role], t), (name, s, role)
+            with pytest.raises(ConfigError, match="merged already"):
+                method.merge(blocks, MergeContext(name, 2))
+        assert list(method._store.folder.iterdir()) == []  # each spilled module is removed once taken
     finally:
         src.close()
 

@@ -36,6 +36,7 @@ from .calibration import (
     NotCalibratable,
     calibration_tokens,
     collect_moments,
+    forward_batch_size,
     iter_isotropic,
 )
 from .device import resolve_device
@@ -79,7 +80,8 @@ def rotary_dims(config: dict[str, Any], head_dim: int) -> int:
 @dataclass
 class _ModulePlan:
     kv_perm: torch.Tensor | None  # new K/V slot -> old K/V head; None: contiguous
-    fit: ModuleFit | None  # None: mean pooling after the permutation
+    fit: ModuleFit | None  # None: mean pooling after the permutation (unless ``merged``)
+    merged: bool = False  # merged in prepare(): the result waits in the block store
 
 
 class CalibratedMerge(BaseMethod):
@@ -88,8 +90,12 @@ class CalibratedMerge(BaseMethod):
     ``prepare(src, G)`` runs the calibration pass (see ``calibration.py``) and, as each layer's
     moments arrive, reads that module's weights, chooses its head permutation and fits it; it keeps
     only the permutation and the fitted maps (:class:`ModuleFit`, ``~2·Hkv·d²`` floats), never the
-    ``[n+1, n+1]`` moments, so memory does not grow by a moment matrix per layer. ``merge`` folds
-    the maps into the weights when the converter streams that module.
+    ``[n+1, n+1]`` moments, so memory does not grow by a moment matrix per layer. ``aligned`` then
+    folds the maps into the weights right away and spills the merged blocks to a
+    :class:`BlockStore` (refinement trains them first), so nothing per module stays in memory and
+    the fit's float64 working copies are gone before the converter streams; ``merge`` takes them
+    from the store. Mean pooling after similarity grouping, and the weights-only fallback, merge
+    while streaming.
     """
 
     def __init__(
@@ -149,15 +155,24 @@ class CalibratedMerge(BaseMethod):
 
         def planned_blocks(mom: ModuleMoments) -> HeadBlocks:
             on_module(mom)
+            # Fitted: the moments are not read again. Freed before the merge's float64 copies of the
+            # weights are made (134 MB at Llama-2-7B width; the caller still holds ``mom``).
+            mom.sigma = mom.sigma.new_empty(0)
             ctx = MergeContext(mom.module_name, num_kv_heads)
             blocks = self._merge_planned(_read_blocks(src, units[mom.module_name]), ctx)
-            # merge() takes the refined blocks from the store: the fitted maps are not needed again
-            # (8.5 MB per layer at Llama-2-7B width, kept for the whole run otherwise).
+            # merge() takes the merged (or refined) blocks from the store: the fitted maps are not
+            # needed again (8.5 MB per layer at Llama-2-7B width, kept for the whole run otherwise).
             plan = self.plans[mom.module_name]
             if plan.fit is not None and plan.fit.key_mean:
                 key_mean.add(mom.module_name)
-            self.plans[mom.module_name] = _ModulePlan(plan.kv_perm, None)
+            self.plans[mom.module_name] = _ModulePlan(plan.kv_perm, None, merged=True)
             return blocks
+
+        def merged_now(mom: ModuleMoments) -> None:
+            # Without refinement too: merged as soon as fitted, then spilled (in the checkpoint's
+            # dtype, what merge() would have returned), so the fitted maps are not kept for the
+            # whole run (8 MB per layer at Llama-2-7B width) and streaming holds no float64 copies.
+            self._store.put(mom.module_name, planned_blocks(mom))  # type: ignore[union-attr]
 
         try:
             if self.refine is not None and num_kv_heads < dims.num_kv_heads:
@@ -175,11 +190,13 @@ class CalibratedMerge(BaseMethod):
                 )
             else:
                 bs = self.calibration.batch_size if self.calibration else 8
+                if self.name == "aligned":
+                    self._store = BlockStore()
                 collect_moments(
                     src,
                     tokens,
-                    on_module,
-                    batch_size=bs,
+                    merged_now if self.name == "aligned" else on_module,
+                    batch_size=forward_batch_size(src.config, tokens.shape[1], bs),
                     progress=self.progress,
                     device=device,
                     max_device_memory=self.max_device_memory,
@@ -238,8 +255,12 @@ class CalibratedMerge(BaseMethod):
             # are not used again, and a second float64 copy is 134 MB at Llama-2-7B width.
             sigma = mom.sigma.copy_(mom.sigma.float())
             # Fitted where the moments are (the device); the small maps are kept on the host, where
-            # the converter streams the weights they are folded into.
-            fit = ModuleStats.build(blocks, sigma, self._rot, mom.has_qk_norm).fit(self._g).to("cpu")
+            # the converter streams the weights they are folded into. The checkpoint's blocks are
+            # dropped once the statistics hold their float64 copies.
+            stats = ModuleStats.build(blocks, sigma, self._rot, mom.has_qk_norm)
+            del blocks, sigma
+            fit = stats.fit(self._g).to("cpu")
+            del stats
         self.plans[mom.module_name] = _ModulePlan(perm, fit)
         release_free_memory()
 
@@ -305,6 +326,8 @@ class CalibratedMerge(BaseMethod):
         plan = self.plans.get(ctx.module_name)
         if plan is None:
             raise ConfigError(f"{ctx.module_name} was not calibrated; run prepare() before merging")
+        if plan.merged:
+            raise ConfigError(f"{ctx.module_name} was merged already; run prepare() again to merge it twice")
         if plan.kv_perm is not None:
             num_heads = blocks[_find(blocks, "q", "weight")]["q"].shape[0]  # type: ignore[index]
             blocks = permute_blocks(blocks, plan.kv_perm, num_heads)
@@ -320,7 +343,7 @@ class CalibratedMerge(BaseMethod):
 
     def _apply(self, blocks: HeadBlocks, ctx: MergeContext, fit: ModuleFit) -> HeadBlocks:
         stats = ModuleStats.build(blocks, None, self._rot, fit.key_mean)
-        new = stats.apply(fit)
+        new = stats.apply(fit, in_place=True)
         out = {s: dict(p) for s, p in blocks.items()}
         _write(out, "q", new["q"])
         ws = _find(out, "o", "weight")

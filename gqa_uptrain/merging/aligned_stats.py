@@ -25,6 +25,8 @@ from .methods import HeadBlocks
 # eigenvalue work (evaluations × (g·d)³): ~150 evaluations of 4-head groups at head_dim 128, all
 # MAX_EVALS on tiny test models. A few seconds per module on 2 cores.
 POLISH_WORK = 2e10
+# Query heads per product with the moments when computing their energy (:meth:`ModuleStats._q_energy`).
+Q_ENERGY_HEADS = 4
 
 
 def _kind(suffix: str) -> str:
@@ -40,14 +42,17 @@ def _find(blocks: HeadBlocks, role: str, kind: str) -> str | None:
 
 def _augmented(blocks: HeadBlocks, role: str) -> torch.Tensor:
     """``[n_heads, d, n+1]``: the role's weight rows with the bias (or zeros) as last column."""
-    w = blocks[_find(blocks, role, "weight")][role].double()  # type: ignore[index]
+    w = blocks[_find(blocks, role, "weight")][role]  # type: ignore[index]
     b_suffix = _find(blocks, role, "bias")
-    b = (
-        blocks[b_suffix][role].double()
-        if b_suffix
-        else torch.zeros(w.shape[:2], dtype=torch.float64, device=w.device)
-    )
-    return torch.cat([w, b.unsqueeze(-1)], dim=-1)
+    # Filled in place (casts are exact): a float64 copy of the weight and then its concatenation
+    # with the bias would hold the role twice (134 MB each at Llama-2-7B width).
+    out = torch.empty(*w.shape[:2], w.shape[2] + 1, dtype=torch.float64, device=w.device)
+    out[..., :-1] = w
+    if b_suffix:
+        out[..., -1] = blocks[b_suffix][role]
+    else:
+        out[..., -1] = 0
+    return out
 
 
 def _write(blocks: HeadBlocks, role: str, wt: torch.Tensor) -> None:
@@ -134,7 +139,8 @@ class ModuleStats:
             wq=_augmented(blocks, "q"),
             wk=_augmented(blocks, "k"),
             wv=_augmented(blocks, "v"),
-            o=blocks[_find(blocks, "o", "weight")]["o"].double(),  # type: ignore[index]
+            # A copy whatever the dtype: ``apply(in_place=True)`` writes into it.
+            o=blocks[_find(blocks, "o", "weight")]["o"].to(torch.float64, copy=True),  # type: ignore[index]
             sigma=None if sigma is None else sigma.double(),
             rot=rot,
             key_mean=key_mean,
@@ -156,7 +162,10 @@ class ModuleStats:
     def _q_energy(self) -> torch.Tensor:
         """``[Hkv, d]``: E[q²] per dim, summed over each K/V head's query heads."""
         if "qe" not in self._cache:
-            e = ((self.wq @ self._sigma()) * self.wq).sum(-1)  # [H, d]
+            sigma = self._sigma()
+            # A few heads at a time (the same figures, bit for bit): ``W_q Σ`` of all heads at once
+            # and its product with ``W_q`` would be two more copies of the query weights.
+            e = torch.cat([((w @ sigma) * w).sum(-1) for w in self.wq.split(Q_ENERGY_HEADS)])  # [H, d]
             self._cache["qe"] = e.view(-1, self.r, e.shape[-1]).sum(1)
         return self._cache["qe"]
 
@@ -165,9 +174,14 @@ class ModuleStats:
         p = self.rot // 2
         idx = self._index(members)
         wk = self.wk[idx]
-        om = torch.complex(wk[:, :p], wk[:, p : 2 * p])  # [g, P, n+1]
-        gram = torch.einsum("mpn,kpn->pmk", om.conj(), om @ self._sigma().to(om.dtype))  # E[conj(z_m) z_k]
-        return _weigh_pairs(gram, self._pair_weights(idx))
+        re, im = wk[:, :p], wk[:, p : 2 * p]  # [g, P, n+1]: z = re + i·im
+        sigma = self._sigma()
+        # E[conj(z_m) z_k] in real arithmetic, as :meth:`_tables` computes it: a complex copy of
+        # the [n+1, n+1] moments would be twice their size (268 MB at Llama-2-7B width).
+        yre, yim = re @ sigma, im @ sigma
+        real = torch.einsum("mpn,kpn->pmk", re, yre) + torch.einsum("mpn,kpn->pmk", im, yim)
+        imag = torch.einsum("mpn,kpn->pmk", re, yim) - torch.einsum("mpn,kpn->pmk", im, yre)
+        return _weigh_pairs(torch.complex(real, imag), self._pair_weights(idx))
 
     def _pair_weights(self, idx: torch.Tensor) -> torch.Tensor:
         """``[P, g]``: each member's query energy per rotary pair (its keys' error weight)."""
@@ -340,13 +354,18 @@ class ModuleStats:
             v.append(self._v_fit(members))
         return ModuleFit(num_groups, self.key_mean, k_pairs, k_lin, v)
 
-    def apply(self, fit: ModuleFit) -> dict[str, torch.Tensor]:
+    def apply(self, fit: ModuleFit, in_place: bool = False) -> dict[str, torch.Tensor]:
         """New augmented weights ``{q: [H,d,n+1], k: [G,d,n+1], v: [G,d,n+1], o: [H,d,out]}``: the
-        shared heads built and each member's maps folded into its query rows and output columns."""
+        shared heads built and each member's maps folded into its query rows and output columns.
+
+        ``in_place``: fold into these statistics' own query and output weights (returned as ``q``
+        and ``o``) instead of copies; the same figures, without two more copies of the largest
+        weights. The statistics are spent afterwards."""
         hkv, d = self.wk.shape[:2]
         num_groups = fit.num_groups
         g, r, p = hkv // num_groups, self.r, self.rot // 2
-        wq, o = self.wq.clone(), self.o.clone()
+        # Each member's rows are read before they are written, and no row is read again after.
+        wq, o = (self.wq, self.o) if in_place else (self.wq.clone(), self.o.clone())
         k_new = torch.empty(num_groups, d, self.wk.shape[-1], dtype=torch.float64, device=self.wk.device)
         v_new = torch.empty_like(k_new)
         for j in range(num_groups):
@@ -368,8 +387,8 @@ class ModuleStats:
                         al, be = a.real[:, mi, None], -a.imag[:, mi, None]  # [P, 1]
                         qs = slice(m * r, (m + 1) * r)
                         qr, qi = self.wq[qs, :p], self.wq[qs, p : 2 * p]
-                        wq[qs, :p] = al * qr - be * qi
-                        wq[qs, p : 2 * p] = be * qr + al * qi
+                        new_r, new_i = al * qr - be * qi, be * qr + al * qi
+                        wq[qs, :p], wq[qs, p : 2 * p] = new_r, new_i
                 f = fit.k_lin[j]
                 if f is not None:
                     k_new[j, self.rot :] = (f.c @ self.wk[idx, self.rot :]).sum(0)

@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TOKENS = 65_536
 DEFAULT_SEQ_LEN = 512
+# The most bytes one of a calibration forward's MLP intermediates may take (float32, tokens ×
+# intermediate size): wide models run fewer sequences at a time (see :func:`forward_batch_size`).
+FORWARD_CHUNK_BYTES = 32 << 20
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".py", ".html", ".tex"}
 
 
@@ -160,6 +163,21 @@ def _seq_len(config: dict[str, Any], want: int) -> int:
     # Layer inputs are caught at layer 0 only, so every layer must see the same mask: stay inside
     # any sliding window.
     return int(min(want, limit, window))
+
+
+def forward_batch_size(config: dict[str, Any], seq_len: int, batch_size: int) -> int:
+    """Calibration sequences per forward: ``batch_size``, fewer when one MLP intermediate of that
+    many tokens would pass :data:`FORWARD_CHUNK_BYTES` (at Llama-2-7B width 8 sequences of 512
+    tokens make three 180 MB intermediates beside the 0.8 GB float32 layer; it runs 1 at a time).
+
+    Small models keep their batch, so their moments are summed as before, bit for bit; where it
+    shrinks, the moments are the same sums taken in smaller pieces (float64 rounding noise)."""
+    hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
+    width = int(config.get("intermediate_size") or config.get("n_inner") or 4 * hidden)
+    if not width:
+        return batch_size
+    fits = FORWARD_CHUNK_BYTES // max(seq_len * width * 4, 1)
+    return int(max(1, min(batch_size, fits)))
 
 
 def hf_config(config: dict[str, Any]) -> Any:
@@ -577,12 +595,27 @@ class MomentAccumulator:
         self.sum: torch.Tensor | None = None
         self.count = 0
 
+    # Rows of x̃ᵀx̃ computed at a time: the same figures bit for bit as the whole product (each row
+    # block is its own product over the same tokens), without a second [n+1, n+1] matrix beside
+    # the sum (134 MB at Llama-2-7B width).
+    ROW_BLOCK = 512
+
     def add(self, x: torch.Tensor) -> None:
         """Add the rows of ``x`` ``[..., n]``."""
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)  # [N, n+1]
-        s = x.T @ x
-        self.sum = s if self.sum is None else self.sum.add_(s)
+        x = x.reshape(-1, x.shape[-1])
+        n1 = x.shape[1] + 1
+        xt = torch.empty(x.shape[0], n1, dtype=torch.float64, device=x.device)  # x̃ = [x; 1]: [N, n+1]
+        xt[:, :-1] = x
+        xt[:, -1] = 1
+        first = self.sum is None
+        if first:
+            self.sum = torch.empty(n1, n1, dtype=torch.float64, device=x.device)
+        for j in range(0, n1, self.ROW_BLOCK):
+            rows = xt[:, j : j + self.ROW_BLOCK].T @ xt  # [block, n+1]
+            if first:
+                self.sum[j : j + self.ROW_BLOCK] = rows  # type: ignore[index]
+            else:
+                self.sum[j : j + self.ROW_BLOCK].add_(rows)  # type: ignore[index]
         self.count += x.shape[0]
 
     def hook(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
