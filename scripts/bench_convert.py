@@ -80,6 +80,7 @@ sys.path.insert(0, str(ROOT))
 
 RSS_TARGET = 1.5e9  # bytes: issue 2's peak-RSS limit for the converter at 32 layers
 RATIO_TARGET = 0.8  # converter throughput / copy throughput
+ALIGNED_RSS_TARGET = 1.5e9  # bytes: issue 22's peak-RSS limit for aligned --no-refine at 32 layers
 TARGET_LAYERS = 32
 DEFAULT_SHARD = "5GB"  # gqa-convert's default --max-shard-size
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")  # Debian python3.11-doc: real English text
@@ -790,6 +791,15 @@ def print_report(runs: list[Run], args: argparse.Namespace, layers: int) -> bool
             print(
                 f"aligned peak RSS growth: {per_layer / 1e6:+.0f} MB per layer from {lo.layers} to {hi.layers} layers"
             )
+        # Issue 22's target: the closed form (--no-refine) at 7B width within 1.5 GB at 32 layers.
+        deepest = aligned[-1]
+        verdict = "PASS" if deepest.peak_rss <= ALIGNED_RSS_TARGET else "FAIL"
+        ok &= verdict == "PASS"
+        note = (
+            "" if deepest.layers == TARGET_LAYERS else f" (the target is defined for {TARGET_LAYERS} layers)"
+        )
+        print(f"target: aligned --no-refine peak RSS <= {ALIGNED_RSS_TARGET / 1e9:.1f} GB: "
+              f"{fmt_bytes(deepest.peak_rss)} at {deepest.layers} layers: {verdict}{note}")  # fmt: skip
     naive = [r for r in runs if r.route == "naive"]
     if naive:
         big = max(naive, key=lambda r: r.layers)

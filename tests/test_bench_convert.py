@@ -79,7 +79,8 @@ def test_bench_convert_aligned_prints_memory_and_grouping(tmp_path, python_docs)
         "--calibration-tokens", "256", "--calibration-seq-len", "64",
         "--grouping", "16:2,4", "32:8", "--grouping-hidden", "128",
     )  # fmt: skip
-    assert text.count("PASS") + text.count("FAIL") == 2  # the converter's targets, unchanged
+    assert text.count("PASS") + text.count("FAIL") == 3  # the converter's targets and aligned's
+    assert "target: aligned --no-refine peak RSS <= 1.5 GB:" in text and "at 2 layers:" in text
     assert "aligned (calibration: 256 tokens of real text, seq 64): peak RSS" in text
     assert "aligned peak RSS growth:" in text and "MB per layer from 1 to 2 layers" in text
     assert "--grouping similarity" in text and "search memory" in text

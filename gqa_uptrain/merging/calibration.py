@@ -564,10 +564,16 @@ def collect_moments(
     Raises :class:`NotCalibratable` where :class:`LayerWalk` cannot run the family.
     """
     walk = LayerWalk(src, tokens, batch_size=batch_size, device=device, max_device_memory=max_device_memory)
+    # When the calibration inputs are smaller than the moment matrix (few tokens of a wide model:
+    # 2,048 tokens at Llama-2-7B width are 34 MB against 134 MB), they are kept and summed after
+    # the layer's weights are dropped, so the moments never sit beside the float32 layer. The same
+    # products in the same order: the same figures, bit for bit.
+    hidden = int(getattr(walk.model.config, "hidden_size", 0) or 0)
+    defer = 0 < tokens.numel() * hidden * 4 <= (hidden + 1) ** 2 * 8
     bar = tqdm(total=len(walk.layers), desc="calibrating", unit="layer", disable=not progress)
     for i in range(len(walk.layers)):
         layer = walk.load_layer(i)
-        acc = {ckpt: MomentAccumulator() for _m, _mod, ckpt in walk.attention[i]}
+        acc = {ckpt: MomentAccumulator(defer=defer) for _m, _mod, ckpt in walk.attention[i]}
         hooks = [
             mod.register_forward_pre_hook(acc[ckpt].hook, with_kwargs=True)
             for _m, mod, ckpt in walk.attention[i]
@@ -591,9 +597,12 @@ class MomentAccumulator:
     """Accumulates ``Σ = E[x̃ x̃ᵀ]`` of a module's input ``x̃ = [x; 1]`` (as a forward pre-hook, or
     fed directly with :meth:`add`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, defer: bool = False) -> None:
         self.sum: torch.Tensor | None = None
         self.count = 0
+        # ``defer``: the hook keeps its inputs and :meth:`moments` sums them (in the same order).
+        self.defer = defer
+        self.pending: list[torch.Tensor] = []
 
     # Rows of x̃ᵀx̃ computed at a time: the same figures bit for bit as the whole product (each row
     # block is its own product over the same tokens), without a second [n+1, n+1] matrix beside
@@ -620,10 +629,16 @@ class MomentAccumulator:
 
     def hook(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook form of :meth:`add`: the module's first input is ``x``."""
-        self.add(args[0] if args else kwargs["hidden_states"])
+        x = args[0] if args else kwargs["hidden_states"]
+        if self.defer:
+            self.pending.append(x.detach())
+        else:
+            self.add(x)
 
     def moments(self, module_name: str, has_qk_norm: bool) -> ModuleMoments:
         """The mean: ``Σ`` (the accumulator is emptied, so the big matrix is freed once consumed)."""
+        while self.pending:
+            self.add(self.pending.pop(0))
         s, self.sum = self.sum, None
         assert s is not None, f"{module_name} never ran"
         return ModuleMoments(module_name, s.div_(self.count), self.count, has_qk_norm)
