@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gqa_uptrain.merging.calibration import FORWARD_CHUNK_BYTES, MomentAccumulator, forward_batch_size
+from gqa_uptrain.merging.moments import FORWARD_CHUNK_BYTES, MomentAccumulator, forward_batch_size
 
 
 def _reference(xs: list[torch.Tensor]) -> torch.Tensor:

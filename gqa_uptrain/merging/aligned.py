@@ -36,7 +36,6 @@ from .calibration import (
     NotCalibratable,
     calibration_tokens,
     collect_moments,
-    forward_batch_size,
     iter_isotropic,
 )
 from .device import resolve_device
@@ -46,7 +45,7 @@ from .grouping import (
     permute_blocks,
     query_permutation,
 )
-from .memory import release_free_memory
+from .memory import release_free_memory, return_large_blocks_at_once
 from .methods import (
     BaseMethod,
     HeadBlocks,
@@ -57,6 +56,7 @@ from .methods import (
     register_method,
     register_similarity,
 )
+from .moments import forward_batch_size
 from .refine import BlockStore, ModuleReport, RefineSpec, refine_layers
 
 if TYPE_CHECKING:
@@ -142,6 +142,7 @@ class CalibratedMerge(BaseMethod):
         arch = get_architecture(src.config)
         dims = arch.converted_dims(src.config)
         self._rot = rotary_dims(src.config, dims.head_dim)
+        return_large_blocks_at_once()  # RSS flat with depth (see memory.py)
         self._g = num_kv_heads
         units = _module_tensors(src, arch)
         device = resolve_device(self.device)

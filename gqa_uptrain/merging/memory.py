@@ -9,10 +9,13 @@ from collections.abc import Callable
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    return getattr(libc, "malloc_trim", None)
+    return ctypes.CDLL(name) if name else None
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    return getattr(_libc(), "malloc_trim", None)
 
 
 def release_free_memory() -> None:
@@ -27,3 +30,24 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+# glibc's mallopt parameter: allocations of at least this many bytes are served by their own mmap.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20
+
+
+def return_large_blocks_at_once() -> None:
+    """Serve every allocation of 1 MiB or more by its own mmap, handed back to the OS when freed
+    (glibc's ``mallopt(M_MMAP_THRESHOLD)``; nothing elsewhere). For the rest of the process.
+
+    glibc raises its mmap threshold (up to 32 MB) each time a large block is freed, so the 1-30 MB
+    working tensors of a layer (a calibration sequence's activations, the fits' row blocks) come
+    from the heap, where pages pinned between them stay resident: at Llama-2-7B width the peak
+    RSS of ``aligned`` rose by 5 MB per layer and was 0.2 GB higher at 32 layers (1.64 GB against
+    1.38 GB at 8 layers with the threshold fixed). A fixed threshold also stops that adjustment.
+    """
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
