@@ -40,3 +40,26 @@ def test_forward_batch_size_shrinks_only_for_wide_models():
     smollm2 = {"hidden_size": 576, "intermediate_size": 1536}
     assert forward_batch_size(smollm2, 512, 8) == 8  # unchanged: its moments are summed as before
     assert forward_batch_size({"n_embd": 64}, 32, 8) == 8  # GPT-2 style config: 4 × n_embd
+
+
+def test_peak_rss_is_the_processs_own_not_its_parents():
+    """``peak_rss_bytes`` reads the child's own high-water mark: ``ru_maxrss`` would report the peak
+    of the (large) process that started it, which is how the dry-run plan's bound once failed in CI."""
+    import json
+    import subprocess
+    import sys
+
+    from gqa_uptrain.merging.memory import peak_rss_bytes
+
+    ballast = bytearray(1 << 30)  # 1 GiB resident in this (the parent) process
+    ballast[::4096] = b"\1" * len(ballast[::4096])
+    assert peak_rss_bytes() > (1 << 30)
+    child = (
+        "import json, resource; from gqa_uptrain.merging.memory import peak_rss_bytes; "
+        "print(json.dumps([peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))"
+    )
+    own, inherited = json.loads(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                                              check=True).stdout)  # fmt: skip
+    del ballast
+    assert 0 < own < 600_000_000, own  # the interpreter and what gqa_uptrain imports
+    assert inherited > (1 << 30)  # the parent's peak, carried through exec (why ru_maxrss is not used)

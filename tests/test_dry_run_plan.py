@@ -18,16 +18,18 @@ from _uptrain_fixtures import build_model, build_tokenizer, copy_docs
 from gqa_uptrain.conversion import plan_conversion
 from gqa_uptrain.conversion.budget import memory_phases
 
-# The child converts and then reports its own peak resident set (ru_maxrss, KiB on Linux).
+# The child converts and then reports its own peak resident set (VmHWM: ru_maxrss would carry
+# over the peak of this test process, which is its parent, and be what failed in CI at 2.2 GB).
 _CHILD = """
-import json, resource, sys
+import json, sys
 from gqa_uptrain.cli.convert import main
+from gqa_uptrain.merging.memory import peak_rss_bytes
 report = sys.argv.pop()
 try:
     main()
 finally:
     with open(report, "w") as f:
-        json.dump(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, f)
+        json.dump(peak_rss_bytes(), f)
 """
 
 

@@ -51,3 +51,23 @@ def return_large_blocks_at_once() -> None:
     mallopt = getattr(libc, "mallopt", None) if libc is not None else None
     if mallopt is not None:
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far, in bytes: the kernel's ``VmHWM`` for its own memory.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries the high-water mark of the memory a
+    process had before ``exec`` into it, i.e. its parent's, so a conversion started by a large
+    process (a test runner, a notebook) would report the parent's peak. ``ru_maxrss`` is the
+    fallback where ``/proc`` is missing.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

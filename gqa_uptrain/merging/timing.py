@@ -12,7 +12,6 @@ Llama-2-7B width on a CPU.
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ import torch
 from ..architectures import get_architecture
 from .calibration import MomentAccumulator, _skeleton, _Stop
 from .device import peak_device_bytes, resolve_device
+from .memory import peak_rss_bytes
 from .refine_spec import RefineSpec
 from .trainer import Caught, ModuleTrainer, output_of
 
@@ -35,7 +35,7 @@ class StepTiming:
     steps: int  # steps timed (after the warm-up)
     layer_forward_seconds: float  # one forward pass of the whole decoder layer on one batch
     peak_device_bytes: int | None  # CUDA peak allocated while timing (None on the CPU)
-    peak_host_bytes: int  # the process's peak resident memory so far (ru_maxrss)
+    peak_host_bytes: int  # the process's peak resident memory so far (VmHWM)
     bf16: bool  # the steps ran in bf16 autocast
     batch_tokens: int  # tokens per step (batch size × sequence length)
 
@@ -156,7 +156,7 @@ def time_refinement_steps(
         steps=steps,
         layer_forward_seconds=layer_seconds,
         peak_device_bytes=peak_device_bytes(dev),
-        peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_host_bytes=peak_rss_bytes(),
         bf16=trainer.bf16,
         batch_tokens=batch * seq_len,
     )
