@@ -81,3 +81,43 @@ def test_speed_chart_with_one_context_has_batch_on_x_and_pairs_colours():
     assert (lines[0].get_linestyle(), lines[1].get_linestyle()) == ("-", "--")
     fig, name = speed_figure([SpeedSeries("model", "m", [(c, 1, "eager", 1.0) for c in (128, 512)])], "t")
     assert name == "tokens_per_s_vs_context.png" and "context" in fig.axes[0].get_xlabel()
+
+
+def test_packed_decode_attention_equals_sdpa_and_reads_the_cache_in_place():
+    """The static path's attention for one decoded token: transformers' SDPA output (to float32
+    rounding) with the G query heads of a K/V head as rows, so the grouped cache is never copied to
+    H heads (under torch.compile transformers' own function does that copy: 0.44x MHA's speed on
+    CPU); prompts, MHA layers and eager/flash models keep transformers' own path."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from gqa_uptrain.evaluation.static_decode import (
+        GQA_DECODE_ATTENTION,
+        gqa_decode_attention,
+        use_gqa_decode_attention,
+    )
+
+    model = _tiny(2)
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(3, 4, 1, 16, generator=g),
+        torch.randn(3, 2, 40, 16, generator=g),
+        torch.randn(3, 2, 40, 16, generator=g),
+    )
+    mask = torch.arange(40).view(1, 1, 1, 40).expand(3, 1, 1, 40) < torch.tensor([10, 25, 40]).view(
+        3, 1, 1, 1
+    )
+    want, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](attn, q, k, v, mask, scaling=0.25)
+    got, _ = gqa_decode_attention(attn, q, k, v, mask, scaling=0.25)
+    assert got.shape == want.shape == (3, 1, 4, 16)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # Several positions (a prompt) go to transformers' function as they are.
+    q5 = torch.randn(3, 4, 5, 16, generator=g)
+    m5 = torch.ones(3, 1, 5, 40, dtype=torch.bool)
+    torch.testing.assert_close(
+        gqa_decode_attention(attn, q5, k, v, m5)[0], ALL_ATTENTION_FUNCTIONS["sdpa"](attn, q5, k, v, m5)[0]
+    )
+    assert use_gqa_decode_attention(model) and model.config._attn_implementation == GQA_DECODE_ATTENTION
+    eager = _tiny(2)
+    eager.set_attn_implementation("eager")
+    assert not use_gqa_decode_attention(eager) and eager.config._attn_implementation == "eager"

@@ -44,6 +44,73 @@ def forward_keywords(model: Any) -> tuple[str, bool]:
     return cache_kw, "cache_position" in params
 
 
+GQA_DECODE_ATTENTION = "gqa_uptrain_sdpa"
+"""Name our decode attention is registered under in transformers' public ``AttentionInterface``."""
+
+# Keywords of attention variants the packed decode does not implement (logit soft-capping, attention
+# sinks, learned position biases): a layer that passes one gets transformers' own SDPA function.
+_UNPACKED = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+def gqa_decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA that reads a grouped K/V cache in place when one token is decoded, compiled or not.
+
+    transformers' SDPA function packs the G query heads of a K/V head into rows only in eager mode;
+    under ``torch.compile`` with a mask (a static cache always has one) it falls back to ``repeat_kv``,
+    which copies the whole cache to H heads every step: on CPU the GQA model then decoded at 0.44x its
+    MHA original's speed (``scripts/bench_decode_static.py``). Here, for a single query position:
+
+        query (B, H, 1, D) -> (B, Hkv, G, D): the G heads of a K/V head become G query rows
+        key, value (B, Hkv, S, D): read as they are; mask (B, 1, 1, S) broadcasts over heads and rows
+        out (B, Hkv, G, D) -> (B, 1, H, D), the layout attention functions return
+
+    Prompts (several positions), MHA layers and the variants in ``_UNPACKED`` go to transformers' own
+    SDPA function unchanged.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    B, H, T, D = query.shape  # noqa: N806 (the shapes' usual names)
+    Hkv = key.shape[1]  # noqa: N806
+    grouped = Hkv < H
+    mask_ok = attention_mask is None or attention_mask.shape[1] == 1
+    if T != 1 or not grouped or not mask_ok or any(kwargs.get(k) is not None for k in _UNPACKED):
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    q = query.reshape(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, key, value, attn_mask=attention_mask, dropout_p=0.0, scale=scaling
+    )  # (B, Hkv, G, D)
+    return out.reshape(B, 1, H, D), None
+
+
+def use_gqa_decode_attention(model: Any) -> bool:
+    """Switch ``model`` from transformers' SDPA to :func:`gqa_decode_attention` (registered once in the
+    public ``AttentionInterface``); other implementations (eager, flash) are left alone. True if switched."""
+    try:  # transformers >= 4.53: both registries are public
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError:
+        return False
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(GQA_DECODE_ATTENTION, gqa_decode_attention)
+    # The same masks as SDPA's: an unknown implementation gets none, and a static cache's empty
+    # slots would then be attended to.
+    AttentionMaskInterface.register(GQA_DECODE_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(GQA_DECODE_ATTENTION)
+    return True
+
+
 @dataclass
 class StaticDecoder:
     """A model with a static cache for ``batch`` sequences of up to ``max_len`` tokens and a compiled step.
@@ -72,6 +139,9 @@ class StaticDecoder:
         self.device = next(self.model.parameters()).device
         self.cache_kw, self.takes_cache_position = forward_keywords(self.model)
         self._cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        # A grouped cache is read in place by the compiled step (see gqa_decode_attention).
+        if use_gqa_decode_attention(self.model):
+            logger.debug("static decode: packed GQA attention")
         self._step = self.model.forward
         if self.compile:
             # Each decoder gets fresh compiled code: recompiling for every (batch, length) setting would
