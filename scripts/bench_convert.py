@@ -441,12 +441,6 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _peak_rss() -> int:
-    """This process's peak resident set so far (bytes; the worker was exec'ed fresh, so its own).
-    The kernel updates its high-water mark lazily, so the current RSS is taken into account."""
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _rss())
-
-
 def aligned_worker(args: argparse.Namespace, src: Path, dst: Path) -> None:
     """What `gqa-convert SRC DST -g G --method aligned --calibration TEXT --calibration-tokens N
     --refine-steps S` runs (``--no-refine`` for S = 0), through the library with the method built
@@ -459,6 +453,7 @@ def aligned_worker(args: argparse.Namespace, src: Path, dst: Path) -> None:
     from gqa_uptrain import convert
     from gqa_uptrain.merging import build_method
     from gqa_uptrain.merging.calibration import CalibrationSpec, calibration_tokens
+    from gqa_uptrain.merging.memory import peak_rss_bytes
     from gqa_uptrain.merging.refine import BlockStore, RefineSpec
 
     spec = CalibrationSpec(str(args.calibration), args.calibration_tokens, args.calibration_seq_len)
@@ -470,7 +465,7 @@ def aligned_worker(args: argparse.Namespace, src: Path, dst: Path) -> None:
 
     def put_and_measure(self, module_name, blocks, dtypes=None):  # noqa: ANN001, ANN202
         put(self, module_name, blocks, dtypes)
-        per_module.append({"module": module_name, "rss": _rss(), "peak_rss": _peak_rss(),
+        per_module.append({"module": module_name, "rss": _rss(), "peak_rss": peak_rss_bytes(),
                            "t": time.perf_counter() - t_start})  # fmt: skip
 
     BlockStore.put = put_and_measure  # type: ignore[method-assign]
@@ -480,7 +475,7 @@ def aligned_worker(args: argparse.Namespace, src: Path, dst: Path) -> None:
     def timed_prepare(source, g):  # noqa: ANN001, ANN202
         t0 = time.perf_counter()
         prepare(source, g)
-        phases.update(prepare_s=time.perf_counter() - t0, prepare_peak_rss=_peak_rss(),
+        phases.update(prepare_s=time.perf_counter() - t0, prepare_peak_rss=peak_rss_bytes(),
                       rss_after_prepare=_rss())  # fmt: skip
         phases["tokens"] = list(calibration_tokens(source, spec).shape)  # what prepare used: [B, T]
 
@@ -491,7 +486,7 @@ def aligned_worker(args: argparse.Namespace, src: Path, dst: Path) -> None:
     Path(args.worker_report).write_text(json.dumps({
         "refine_steps": args.refine_steps, "refine_batch_size": refine.batch_size if refine else None,
         **phases,
-        "total_s": time.perf_counter() - t_start, "peak_rss": _peak_rss(),
+        "total_s": time.perf_counter() - t_start, "peak_rss": peak_rss_bytes(),
         "per_module": per_module, "reports": reports,
     }))  # fmt: skip
 

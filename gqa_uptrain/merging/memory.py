@@ -54,7 +54,9 @@ def return_large_blocks_at_once() -> None:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set so far, in bytes: the kernel's ``VmHWM`` for its own memory.
+    """This process's peak resident set so far, in bytes: the kernel's ``VmHWM`` for its own memory,
+    or the resident set now (``VmRSS``) where that is larger: the kernel updates its high-water mark
+    lazily.
 
     Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries the high-water mark of the memory a
     process had before ``exec`` into it, i.e. its parent's, so a conversion started by a large
@@ -63,9 +65,9 @@ def peak_rss_bytes() -> int:
     """
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
+            kib = [int(line.split()[1]) for line in f if line.startswith(("VmHWM:", "VmRSS:"))]
+        if kib:
+            return max(kib) * 1024
     except OSError:
         pass
     import resource
