@@ -17,6 +17,7 @@ from _uptrain_fixtures import build_model, build_tokenizer, copy_docs
 
 from gqa_uptrain.conversion import plan_conversion
 from gqa_uptrain.conversion.budget import memory_phases
+from gqa_uptrain.merging.refine_spec import RefineSpec
 
 # The child converts and then reports its own peak resident set (VmHWM: ru_maxrss would carry
 # over the peak of this test process, which is its parent, and be what failed in CI at 2.2 GB).
@@ -111,7 +112,10 @@ def test_cli_dry_run_prints_memory_and_time(model, tmp_path):
     )
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
-    assert "calibrated path on cpu (aligned + refinement (at most 300 steps per module)" in text
+    assert (
+        f"calibrated path on cpu (aligned + refinement (at most {RefineSpec().steps} steps per module)"
+        in text
+    )
     assert "peak host memory ~" in text and "estimated time ~" in text
     assert "timed refinement steps of one synthetic layer at width 512 on cpu" in text
     assert not (tmp_path / "out").exists()

@@ -136,6 +136,18 @@ def test_output_solve_recovers_a_known_output_projection():
     # Fitted on two batches only, it still finds W (64 tokens > 16 unknowns per output).
     part = solve_output(att, unit, blocks, caught, config, batches=[0, 1], ridge=1e-10)
     torch.testing.assert_close(pack_params(unit, part, config)["o_proj.weight"], true_o, atol=1e-4, rtol=1e-4)
+    # The errors before and after the solve, read off the normal equations, are the ones measured
+    # by running the module (no second pass needed); here with a ridge that leaves some error.
+    from gqa_uptrain.merging.trainer import _error_terms, solve_output_terms
+
+    found = solve_output_terms(att, unit, blocks, caught, config, batches=[1, 3], ridge=0.3)
+    assert found is not None
+    ridged, before, after = found
+    measured_before = float(_error_terms(att, pack_params(unit, blocks, config), caught, [1, 3])[0])
+    measured_after = float(_error_terms(att, pack_params(unit, ridged, config), caught, [1, 3])[0])
+    assert 0 < measured_after < measured_before
+    assert before == pytest.approx(measured_before, rel=1e-5)
+    assert after == pytest.approx(measured_after, rel=1e-4)
 
 
 def test_a_step_size_that_makes_things_worse_backs_off(trained, tmp_path):

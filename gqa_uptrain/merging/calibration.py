@@ -370,14 +370,17 @@ class LayerWalk:
         """An activation moved to where this walk keeps them (:attr:`placement`)."""
         return self.placement.keep(t)
 
-    def run(self, layer: torch.nn.Module, b: int, hidden: torch.Tensor) -> torch.Tensor:
+    def run(
+        self, layer: torch.nn.Module, b: int, hidden: torch.Tensor, *, bf16: bool = False
+    ) -> torch.Tensor:
         """``layer`` on batch ``b``'s arguments with ``hidden`` as its input: its output states (on
-        the device; :meth:`keep` them)."""
+        the device, in ``hidden``'s dtype; :meth:`keep` them). ``bf16``: in bfloat16 autocast."""
         args, kwargs = self.extras[b]
         hidden = self.placement.use(hidden)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = layer(hidden, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": hidden})
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        return out.to(hidden.dtype)
 
 
 def _skeleton(

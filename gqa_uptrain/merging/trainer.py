@@ -44,6 +44,7 @@ class Caught:
     outputs: list[torch.Tensor]
     moments: MomentAccumulator
     placement: Placement | None = None
+    _low: dict[tuple[int, torch.dtype], tuple[tuple, dict]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -56,6 +57,27 @@ class Caught:
         if args:
             return (self.placement.use(args[0]), *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": self.placement.use(kwargs["hidden_states"])}
+
+    def low_precision_call(self, b: int, dtype: torch.dtype) -> tuple[tuple, dict]:
+        """:meth:`call` with the other floating-point arguments (rotary tables, position biases) in
+        ``dtype``, as a model in that dtype passes them; the per-token input stays as it is (autocast
+        casts it where it is used) and so does any tensor with values a ``dtype`` cannot hold (an
+        additive mask's large negative fill): see :func:`_lowered`. The cast arguments are kept per
+        batch (they are small; the input is not kept)."""
+        args, kwargs = self.call(b)
+        key = (b, dtype)
+        if key not in self._low:
+            if args:
+                self._low[key] = (_lowered(args[1:], dtype), _lowered(kwargs, dtype))
+            else:
+                self._low[key] = (
+                    (),
+                    _lowered({k: v for k, v in kwargs.items() if k != "hidden_states"}, dtype),
+                )
+        rest, low_kwargs = self._low[key]
+        if args:
+            return (args[0], *rest), low_kwargs
+        return args, {**low_kwargs, "hidden_states": kwargs["hidden_states"]}
 
     def target(self, b: int) -> torch.Tensor:
         """Batch ``b``'s target output on the compute device."""
@@ -70,6 +92,32 @@ class Caught:
 
 
 _Caught = Caught  # the name tests and scripts of earlier releases use
+
+# Largest magnitude a tensor may hold to be passed in a low precision: bf16 keeps float32's range but
+# an additive mask filled with float32's lowest value would round to -inf (and a fully masked row to NaN).
+_LOWERED_MAX = 1e4
+
+
+def _lowered(obj: Any, dtype: torch.dtype) -> Any:
+    """``obj`` (tensors in nested tuples, lists and dicts) with each floating-point tensor whose values
+    are finite and at most :data:`_LOWERED_MAX` in magnitude cast to ``dtype``; the rest as it is."""
+    if isinstance(obj, torch.Tensor):
+        if (
+            obj.is_floating_point()
+            and obj.dtype != dtype
+            and obj.numel()
+            and bool(torch.isfinite(obj).all())
+            and float(obj.abs().max()) <= _LOWERED_MAX
+        ):
+            return obj.to(dtype)
+        return obj
+    if isinstance(obj, tuple):
+        return tuple(_lowered(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_lowered(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _lowered(v, dtype) for k, v in obj.items()}
+    return obj
 
 
 def output_of(out: Any) -> torch.Tensor:
@@ -158,6 +206,25 @@ def solve_output(
     float64 on the module's device. Returns None when the module has no separate output projection
     (BERT's lives outside its attention module).
     """
+    found = solve_output_terms(module, unit, blocks, caught, config, batches=batches, ridge=ridge)
+    return None if found is None else found[0]
+
+
+def solve_output_terms(
+    module: torch.nn.Module,
+    unit: ModuleTensors,
+    blocks: HeadBlocks,
+    caught: Caught,
+    config: dict[str, Any],
+    *,
+    batches: list[int] | None = None,
+    ridge: float = 1e-3,
+) -> tuple[HeadBlocks, float, float] | None:
+    """:func:`solve_output`'s blocks and the squared output error over ``batches`` before and after
+    the solve, ``(solved, Σ‖r‖², Σ‖r − zΔ‖²)``, read off the normal equations (no second pass).
+
+    ``r`` is the residual ``target − y`` of ``blocks``: the error before is ``Σ‖r‖²`` and, for the
+    update ``Δ``, the error after is ``Σ‖r‖² − 2⟨Δ, zᵀr⟩ + ⟨Δ, zᵀz Δ⟩``."""
     suffix = _output_weight(unit, blocks)
     if suffix is None:
         return None
@@ -167,6 +234,7 @@ def solve_output(
     dev = b.device
     zz = torch.zeros(width, width, dtype=torch.float64, device=dev)
     zr = torch.zeros(width, b.shape[2], dtype=torch.float64, device=dev)
+    rr = 0.0
     seen: list[torch.Tensor] = []
     hook = proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
     try:
@@ -178,17 +246,24 @@ def solve_output(
                 y = output_of(torch.func.functional_call(module, params, args, kwargs))
                 if len(seen) != 1 or seen[0].shape[-1] != width:
                     return None  # not one plain projection of the concatenated heads
-                z = seen[0].reshape(-1, width).double()
-                zz += z.T @ z
-                zr += z.T @ (caught.target(k) - y).reshape(-1, b.shape[2]).double()
+                z = seen[0].reshape(-1, width).float()
+                r = (caught.target(k) - y).reshape(-1, b.shape[2]).float()
+                # One batch's products in float32 (a few thousand rows: relative error ~1e-6, well
+                # under the ridge), summed over batches in float64: a float64 product of the
+                # batch costs 4x as much on a CPU.
+                zz += (z.T @ z).double()
+                zr += (z.T @ r).double()
+                rr += float(r.double().pow(2).sum())
     finally:
         hook.remove()
     lam = ridge * float(zz.diagonal().mean()) + 1e-12
-    zz.diagonal().add_(lam)
-    delta = torch.linalg.solve(zz, zr).to(b.dtype)  # [H*d, hidden]: minimises ‖z Δ − r‖² + λ‖Δ‖²
+    gram = zz.clone()
+    gram.diagonal().add_(lam)
+    delta = torch.linalg.solve(gram, zr)  # [H*d, hidden]: minimises ‖z Δ − r‖² + λ‖Δ‖²
+    after = rr - 2 * float((delta * zr).sum()) + float((delta * (zz @ delta)).sum())
     out = {s: dict(p) for s, p in blocks.items()}
-    out[suffix] = {"o": (b.detach() + delta.view_as(b))}
-    return out
+    out[suffix] = {"o": (b.detach() + delta.to(b.dtype).view_as(b))}
+    return out, rr, max(after, 0.0)
 
 
 def split_batches(n: int, share: float, gen: torch.Generator) -> tuple[list[int], list[int]]:
@@ -272,15 +347,31 @@ class ModuleTrainer:
             (t.shape[-1] for p in self.start32.values() for t in p.values() if t.dim() >= 3), default=0
         )
         self.bf16 = _device.use_autocast(spec.autocast, self.device, self.width)
+        # Each batch's squared target norm (the loss's denominator): measured once, not every step.
+        with torch.no_grad():
+            self.norms = [float(caught.target(b).pow(2).sum()) for b in range(len(caught))]
 
     # -- measuring ----------------------------------------------------------------------------
     def terms(self, blocks: HeadBlocks, batches: list[int]) -> tuple[float, float]:
         """``(squared error, squared target norm)`` of ``blocks`` over ``batches``, in float32."""
+        params = pack_params(self.unit, blocks, self.config)
+        err = 0.0
         with torch.no_grad():
-            err, tot = _error_terms(
-                self.module, pack_params(self.unit, blocks, self.config), self.caught, batches
-            )
-        return float(err), tot
+            for b in batches:
+                err += float(self.squared_error(params, b))
+        return err, sum(self.norms[b] for b in batches)
+
+    def squared_error(
+        self, params: dict[str, torch.Tensor], batch: int, *, low: bool = False
+    ) -> torch.Tensor:
+        """``‖attn'(x) − attn(x)‖²`` on ``batch`` with the packed ``params`` (differentiable); ``low``:
+        the call's other floating-point arguments in bfloat16 (the training steps under autocast)."""
+        if low:
+            args, kwargs = self.caught.low_precision_call(batch, torch.bfloat16)
+        else:
+            args, kwargs = self.caught.call(batch)
+        y = output_of(torch.func.functional_call(self.module, params, args, kwargs))
+        return (y - self.caught.target(batch)).pow(2).sum()
 
     def error(self, blocks: HeadBlocks, batches: list[int]) -> float:
         """Relative output error of ``blocks`` over ``batches``."""
@@ -307,7 +398,10 @@ class ModuleTrainer:
             group["lr"] = size * group["scale"]
         params = pack_params(self.unit, blocks, self.config)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = _relative_error(self.module, params, self.caught, [batch])
+            # The other float arguments (rotary tables) in bf16 too, as a bf16 model passes them:
+            # autocast leaves them in float32, and their float32 products with bf16 queries and keys
+            # cost about a tenth of a step.
+            loss = self.squared_error(params, batch, low=self.bf16) / max(self.norms[batch], 1e-30)
         value = loss.item()
         if not math.isfinite(value):
             return value
@@ -396,15 +490,25 @@ class ModuleTrainer:
             if not found.failed:
                 break
             lr /= 3
+        # The error of the kept weights on the batches not judged: the solve reads it off its normal
+        # equations when those batches are the ones it solves on (no second pass over them).
+        rest_after: float | None = None
         if spec.solve_output and best is not None:
-            solved = solve_output(self.module, self.unit, best, self.caught, self.config, batches=self.train)
-            if solved is not None:
+            solve = solve_output_terms(
+                self.module, self.unit, best, self.caught, self.config, batches=self.train
+            )
+            if solve is not None:
+                solved, rest_unsolved, rest_solved = solve
                 e = self.error(solved, self.judge)
                 if e < best_judged:
-                    best, best_judged = solved, e
-        after = (
-            (best_judged * judged_tot + self.terms(best, rest)[0]) / whole_tot if best is not None else before
-        )
+                    best, best_judged, rest_after = solved, e, rest_solved
+                else:
+                    rest_after = rest_unsolved
+                if rest != self.train:
+                    rest_after = None
+        if best is not None and rest_after is None:
+            rest_after = self.terms(best, rest)[0]
+        after = (best_judged * judged_tot + rest_after) / whole_tot if best is not None else before
         kept = best is not None and best_judged < before_judged and after < before
         out = _to_host(best) if kept else self.start  # type: ignore[arg-type]
         report = ModuleReport(
