@@ -98,7 +98,9 @@ if [ -z "${GQA_UNLOCKED:-}" ]; then
   # jinja2, typing-extensions) and requirements/llama-cpp-runtime.txt (diskcache), hash-locked.
   LCPP_KEY=$(lock_stamp requirements/llama-cpp.txt | cut -c1-16)
   LCPP_WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/gqa-uptrain/wheels/llama-cpp-$LCPP_KEY"
-  LCPP_WHEEL=$(find "$LCPP_WHEELS" -name 'llama_cpp_python-*.whl' 2>/dev/null | head -n 1)
+  # `|| true`: on a new machine the cache folder does not exist yet, find fails, and pipefail + set -e
+  # would end the script here without a word.
+  LCPP_WHEEL=$(find "$LCPP_WHEELS" -name 'llama_cpp_python-*.whl' 2>/dev/null | head -n 1 || true)
   if [ -z "$LCPP_WHEEL" ]; then
     echo "setup: building llama-cpp-python once for this machine (minutes; log in $LCPP_WHEELS.log)" >&2
     mkdir -p "$(dirname "$LCPP_WHEELS")"
