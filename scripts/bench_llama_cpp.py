@@ -9,8 +9,12 @@ runs the project's own command for each format, side by side:
     gqa-eval --engine llama.cpp MQA.gguf --baseline ORIGINAL.gguf --context 2048 --batch-size 4 ...
 
 and prints its tables, the machine load before and after, and the targets (decode >= 1.5x, KV 1/3).
+``--high-level`` instead repeats the issue's earlier run by hand, through llama-cpp-python's own
+high-level ``Llama`` (a 7,000-token prompt of real text in an 8,192-token context, 64 greedy tokens per
+``create_completion``, repeats alternating), so its figures can be set beside the command's.
 
     .venv/bin/python scripts/bench_llama_cpp.py --work /tmp/bench-lcpp --threads 2
+    .venv/bin/python scripts/bench_llama_cpp.py --work /tmp/bench-lcpp --threads 2 --high-level
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ def main() -> None:
         default="8192x1,2048x4",
         help="CONTEXTxSEQUENCES settings, comma-separated (context per sequence).",
     )
+    ap.add_argument(
+        "--high-level",
+        action="store_true",
+        help="Measure through llama-cpp-python's high-level Llama (the hand run's way) instead of gqa-eval.",
+    )
     args = ap.parse_args()
     from gqa_uptrain import convert
 
@@ -79,6 +88,11 @@ def main() -> None:
             if not out.is_file():
                 cmd = [str(TF4), str(CONVERTER), str(folder), "--outfile", str(out), "--outtype", fmt]
                 subprocess.run(cmd, check=True, capture_output=True)
+    if args.high_level:
+        for fmt in formats:
+            for fa in args.flash_attn.split(","):
+                high_level(work, fmt, fa, args)
+        return
     summary = {}
     for fmt, fa, setting in (
         (f, a, s) for f in formats for a in args.flash_attn.split(",") for s in args.settings.split(",")
@@ -103,6 +117,40 @@ def main() -> None:
             f"  {key:>20}: decode {r['decode_tokens_per_s']:.2f}x, prompt {r['prompt_tokens_per_s']:.2f}x, "
             f"KV {r['kv_bytes']:.3f}x  [{ok}]  (load {r['load_before']} -> {r['load_after']})"
         )
+
+
+def high_level(work: Path, fmt: str, fa: str, args: argparse.Namespace) -> None:
+    """Decode tokens/s of both GGUFs through llama-cpp-python's ``Llama.create_completion``."""
+    import statistics
+    import time
+
+    from llama_cpp import Llama
+
+    text = Path("/usr/share/doc/python3.11/html/_sources/library/stdtypes.rst.txt").read_text()
+    runs: dict[str, tuple[Llama, list[int]]] = {}
+    for name in ("mqa", "original"):
+        llm = Llama(
+            str(work / f"{name}.{fmt}.gguf"), n_ctx=8192, n_threads=args.threads,
+            n_threads_batch=args.threads, flash_attn=fa == "on", verbose=False,
+        )  # fmt: skip
+        prompt = llm.tokenize(text.encode())[:7000]
+        llm.eval(prompt)  # the prompt once; each completion below reuses it as a cached prefix
+        runs[name] = (llm, prompt)
+    speeds: dict[str, list[float]] = {name: [] for name in runs}
+    print(f"$ high-level Llama, {fmt}, flash attention {fa}\n  load before: {load()}", flush=True)
+    for repeat in range(args.repeats + 1):  # the first round warms up, as gqa-eval's does
+        for name, (llm, prompt) in runs.items():
+            start = time.perf_counter()
+            out = llm.create_completion(prompt, max_tokens=args.new_tokens, temperature=0.0)
+            speed = out["usage"]["completion_tokens"] / (time.perf_counter() - start)
+            if repeat:
+                speeds[name].append(speed)
+    mqa, original = (statistics.median(speeds[n]) for n in ("mqa", "original"))
+    print(
+        f"  {fmt} fa-{fa}: original {original:.1f} -> 3 -> 1 {mqa:.1f} tokens/s, decode {mqa / original:.2f}x "
+        f"(runs {', '.join(f'{v:.1f}' for v in speeds['mqa'])} / {', '.join(f'{v:.1f}' for v in speeds['original'])};"
+        f" load after {load()})"
+    )
 
 
 if __name__ == "__main__":
