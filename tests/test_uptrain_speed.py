@@ -297,6 +297,46 @@ def test_qlora_runs_on_cpu_and_merges_into_the_original_weights(world, tmp_path)
     assert bnb.__version__
 
 
+def test_qlora_gradients_survive_an_evaluation(world):
+    """A run evaluates before its first step. bitsandbytes repacks a 4-bit layer for an inference-only
+    CPU kernel (no backward) the first time it runs in eval mode without gradients; the base must
+    keep the differentiable kernel, so every adapter's gradient after an evaluation is the gradient
+    of a model that never evaluated, and torch reports no layer without a backward."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from gqa_uptrain.training.config import LoraConfig
+    from gqa_uptrain.training.lora import apply_lora
+
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+
+    def adapter_grads(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(world / "student")
+        cfg = LoraConfig(mode="qlora", rank=4, alpha=8, dropout=0.0)
+        model, _ = apply_lora(model, cfg, torch.device("cpu"), torch.float32, str(world / "student"))
+        for name, p in model.named_parameters():
+            # B starts at zero: give it a value, so that A has a gradient too.
+            if p.requires_grad and "lora_B" in name:
+                p.data.normal_(0, 0.02)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(ids)
+        model.train()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(ids, labels=ids).loss.backward()
+        assert not [w for w in caught if "autograd kernel was not registered" in str(w.message)]
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fresh, after_eval = adapter_grads(False), adapter_grads(True)
+    assert fresh.keys() == after_eval.keys() and len(fresh) > 0
+    for name in fresh:
+        torch.testing.assert_close(after_eval[name], fresh[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_overwrite_clears_a_lora_runs_adapters(world, tmp_path):
     """A folder holding only a LoRA run's adapters/ is a previous run; --overwrite removes them, so a
     full-parameter run started over it leaves no stale adapters beside its model/."""
