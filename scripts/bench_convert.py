@@ -65,7 +65,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -407,8 +406,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from gqa_uptrain.merging.memory import peak_rss_bytes
+
     # RSS after imports, before any weight: the part of the peak that does not grow with the model.
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss_bytes()
     Path(args.worker_report).write_text(json.dumps({"base_rss": base}))
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
     cfg = model.config

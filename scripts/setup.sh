@@ -92,7 +92,7 @@ if [ -z "${GQA_UNLOCKED:-}" ]; then
   # ---- llama.cpp's engine (llama-cpp-python), built once per machine -------------------------------
   # gqa-eval --engine llama.cpp and tests/test_llama_cpp_engine.py run GGUFs in llama.cpp itself. PyPI
   # has no wheel, so this builds one from the sdist pinned by hash in requirements/llama-cpp.txt (CPU
-  # only; the flags skip llava, tests, examples, tools and the server: about 6-14 minutes on 2 cores)
+  # only; the flags skip llava, tests, examples, tools and the server: 3.5 minutes on 2 idle cores, up to 14 busy)
   # and caches it machine-wide, keyed by the lock file's hash, so a fresh clone elsewhere (CI) installs
   # it in seconds. Installed --no-deps; its runtime dependencies are in requirements/lock.txt (numpy,
   # jinja2, typing-extensions) and requirements/llama-cpp-runtime.txt (diskcache), hash-locked.
