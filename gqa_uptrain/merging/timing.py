@@ -22,9 +22,13 @@ import torch
 from ..architectures import get_architecture
 from .calibration import MomentAccumulator, _skeleton, _Stop
 from .device import peak_device_bytes, resolve_device
-from .memory import peak_rss_bytes
+from .memory import peak_rss_bytes, reuse_large_blocks
+from .packed_attention import use_packed_attention
 from .refine_spec import RefineSpec
 from .trainer import Caught, ModuleTrainer, output_of
+
+# A step shorter than this gets more warm-up and more timed steps (see time_refinement_steps).
+SHORT_STEP_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -60,13 +64,18 @@ def time_refinement_steps(
     seq_len: int = 512,
     *,
     spec: RefineSpec | None = None,
-    steps: int = 3,
-    warmup: int = 1,
+    steps: int | None = None,
+    warmup: int | None = None,
     seed: int = 0,
 ) -> StepTiming:
     """Time ``steps`` refinement steps (after ``warmup``) of the first converted attention module of
     a checkpoint with ``config`` (its ``config.json`` as a dict) converted to ``num_kv_heads``, on
     ``device``, on batches of ``spec.batch_size`` random sequences of ``seq_len`` tokens.
+
+    By default the counts follow the step's size: one warm-up step, then, where it took under
+    :data:`SHORT_STEP_SECONDS`, two more and 5 timed steps (a short step's first few carry the
+    allocator's and the kernels' first-call costs: 3 steps after one warm-up read 68 ms at SmolLM2's
+    width where a run's steps take 58), else 3 timed steps (a 7B-width step on a CPU is seconds).
 
     Nothing is read from a checkpoint: the layer is built from the config with random weights
     (the time of a step does not depend on the values). Also times one forward pass of the decoder
@@ -84,6 +93,8 @@ def time_refinement_steps(
     for name, p in list(model.named_parameters()):
         value = torch.randn(p.shape, generator=gen) * 0.02 if p.dim() > 1 else torch.ones(p.shape)
         set_module_tensor_to_device(model, name, dev, value=value)
+    if arch.native:  # as refinement runs it: on a CPU, causal attention with grouped heads packed into rows
+        use_packed_attention(model, dev)
     units = arch.attention_modules([n for n, _ in model.named_parameters()], converted_only=True)
     if not units:
         raise ValueError(f"{config.get('model_type')!r}: no converted attention module in the config's layer")
@@ -143,14 +154,20 @@ def time_refinement_steps(
     opt = trainer.optimizer(blocks, spec.lr)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    for _ in range(warmup):
+    with reuse_large_blocks():  # as refinement trains a module: its working tensors reused from the heap
+        t0 = time.perf_counter()
         trainer.train_step(blocks, opt, 1e-3, trainer.train[0])
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(blocks, opt, 1e-3, trainer.train[0])
-    _sync(dev)
-    per_step = (time.perf_counter() - t0) / max(steps, 1)
+        _sync(dev)
+        short = time.perf_counter() - t0 < SHORT_STEP_SECONDS
+        for _ in range((warmup if warmup is not None else 3 if short else 1) - 1):
+            trainer.train_step(blocks, opt, 1e-3, trainer.train[0])
+        steps = steps if steps is not None else 5 if short else 3
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(blocks, opt, 1e-3, trainer.train[0])
+        _sync(dev)
+        per_step = (time.perf_counter() - t0) / max(steps, 1)
     return StepTiming(
         seconds_per_step=per_step,
         steps=steps,
