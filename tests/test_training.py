@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -271,6 +272,27 @@ def test_cli_check_and_errors(world, tmp_path):
     done = runner.invoke(app, [str(path), "--steps", "3"])
     assert done.exit_code == 0, done.output
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_cli_keeps_stdout_clean_on_a_cpu(world, tmp_path):
+    """The run's story goes to stderr; stdout carries nothing else. DeepSpeed (installed with the
+    deepspeed extra) is imported by transformers' save_pretrained and, on a machine without a GPU,
+    printed its accelerator warning to stdout."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(world, tmp_path / "run")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "gqa_uptrain.cli.uptrain", str(path), "--steps", "2"],
+        env={k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "deepspeed" in sys.modules or importlib.util.find_spec("deepspeed"), (
+        "the deepspeed extra is missing"
+    )
+    assert proc.stdout == "", proc.stdout
+    assert "held-out" in proc.stderr
 
 
 RANK_SPY = """

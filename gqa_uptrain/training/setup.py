@@ -135,6 +135,8 @@ def make_accelerator(cfg: UptrainConfig, out: Path) -> Accelerator:
         # DS_ACCELERATOR=cpu): `cpu=True` would make accelerate drop the DeepSpeed plugin silently
         # (plain DDP), and without a gloo process group every process believes it is rank 0 of 1.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    if on_cpu and use_deepspeed:
+        _quiet_deepspeed_on_cpu()
     deepspeed_plugin = None
     if use_deepspeed:
         # Built here (accelerate would build the same from the environment) so that its
@@ -142,7 +144,7 @@ def make_accelerator(cfg: UptrainConfig, out: Path) -> Accelerator:
         deepspeed_plugin = DeepSpeedPlugin()
         align_deepspeed_plugin(deepspeed_plugin, cfg.optim)
     try:
-        return Accelerator(
+        acc = Accelerator(
             cpu=on_cpu and not use_deepspeed,
             kwargs_handlers=handlers,
             mixed_precision=_resolve_mixed_precision(cfg.optim.mixed_precision),
@@ -162,6 +164,21 @@ def make_accelerator(cfg: UptrainConfig, out: Path) -> Accelerator:
         )
     except ImportError as e:  # e.g. a DeepSpeed config without deepspeed installed
         raise ConfigError(f"the accelerate config needs a package that is missing: {one_line(e)}") from None
+    if acc.device.type == "cpu":
+        _quiet_deepspeed_on_cpu()
+    return acc
+
+
+def _quiet_deepspeed_on_cpu() -> None:
+    """Tell DeepSpeed the accelerator it would pick anyway on this machine: the CPU.
+
+    Where deepspeed is installed, transformers' ``save_pretrained`` imports it (accelerate's unwrap
+    looks for a ``DeepSpeedEngine``), and on a machine without a GPU DeepSpeed's accelerator
+    detection then prints "Setting accelerator to CPU ..." as a warning to **stdout**, the stream
+    our commands keep for machine-readable output. Named by ``DS_ACCELERATOR``, it says nothing. A
+    value the user set is kept.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def mp_is_bf16(accelerator: Accelerator) -> bool:
