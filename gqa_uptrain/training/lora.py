@@ -171,13 +171,13 @@ def _quantize_4bit(
 def _keep_differentiable(layer: torch.nn.Module) -> None:
     """Keep a 4-bit layer on the kernel that has a backward pass, in evaluation too.
 
-    On a CPU with AVX512-BF16, bitsandbytes (0.49 and later) repacks a ``Linear4bit``'s weight for a
-    faster inference-only kernel the first time the layer runs in eval mode on an input that needs no
-    gradient, and keeps it so. That kernel has no backward: after the run's first evaluation the layer
-    would pass no gradient to its input, and every adapter below it would train on part of its
-    gradient, silently (measured: the input's gradient is ``None``). A run evaluates before its first
-    step, so that would be every step. ``tests/test_uptrain_speed.py`` checks the gradients after an
-    evaluation, so a bitsandbytes that changes this switch fails there rather than here.
+    On a CPU with AVX512-BF16, bitsandbytes (0.50.2, the locked version) repacks a ``Linear4bit``'s
+    weight for a faster inference-only kernel the first time the layer runs in eval mode on an input
+    that needs no gradient, and keeps it so. That kernel has no backward: after the run's first
+    evaluation the layer would pass no gradient to its input, and every adapter below it would train
+    on part of its gradient, silently (measured: the input's gradient is ``None``). A run evaluates
+    before its first step, so that would be every step. ``tests/test_uptrain_speed.py`` checks the
+    gradients after an evaluation, so a bitsandbytes that changes this switch fails there.
     """
     if hasattr(layer, "support_avx512bf16_for_cpu"):
         layer.support_avx512bf16_for_cpu = False
