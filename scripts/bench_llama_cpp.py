@@ -126,7 +126,10 @@ def high_level(work: Path, fmt: str, fa: str, args: argparse.Namespace) -> None:
 
     from llama_cpp import Llama
 
-    text = Path("/usr/share/doc/python3.11/html/_sources/library/stdtypes.rst.txt").read_text()
+    source = Path("/usr/share/doc/python3.11/html/_sources/library/stdtypes.rst.txt")
+    if not source.is_file():
+        sys.exit(f"error: {source} is missing: run `bash scripts/setup.sh` first (Debian's python3.11-doc)")
+    text = source.read_text()
     runs: dict[str, tuple[Llama, list[int]]] = {}
     for name in ("mqa", "original"):
         llm = Llama(
