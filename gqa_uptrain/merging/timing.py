@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -154,20 +155,9 @@ def time_refinement_steps(
     opt = trainer.optimizer(blocks, spec.lr)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    with reuse_large_blocks():  # as refinement trains a module: its working tensors reused from the heap
-        t0 = time.perf_counter()
-        trainer.train_step(blocks, opt, 1e-3, trainer.train[0])
-        _sync(dev)
-        short = time.perf_counter() - t0 < SHORT_STEP_SECONDS
-        for _ in range((warmup if warmup is not None else 3 if short else 1) - 1):
-            trainer.train_step(blocks, opt, 1e-3, trainer.train[0])
-        steps = steps if steps is not None else 5 if short else 3
-        _sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step(blocks, opt, 1e-3, trainer.train[0])
-        _sync(dev)
-        per_step = (time.perf_counter() - t0) / max(steps, 1)
+    per_step, steps = _time_steps(
+        lambda: trainer.train_step(blocks, opt, 1e-3, trainer.train[0]), dev, steps, warmup
+    )
     return StepTiming(
         seconds_per_step=per_step,
         steps=steps,
@@ -177,6 +167,28 @@ def time_refinement_steps(
         bf16=trainer.bf16,
         batch_tokens=batch * seq_len,
     )
+
+
+def _time_steps(
+    step: Callable[[], object], dev: torch.device, steps: int | None, warmup: int | None
+) -> tuple[float, int]:
+    """Seconds per ``step`` call and how many calls were timed, after the warm-up (see
+    :func:`time_refinement_steps` for the default counts), with the working tensors reused from the
+    heap as refinement does while a module trains."""
+    with reuse_large_blocks():
+        t0 = time.perf_counter()
+        step()
+        _sync(dev)
+        short = time.perf_counter() - t0 < SHORT_STEP_SECONDS
+        for _ in range((warmup if warmup is not None else 3 if short else 1) - 1):
+            step()
+        steps = steps if steps is not None else 5 if short else 3
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(dev)
+        return (time.perf_counter() - t0) / max(steps, 1), steps
 
 
 def _sync(device: torch.device) -> None:
