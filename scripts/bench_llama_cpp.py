@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TF4 = ROOT / ".venv-tf4" / "bin" / "python"
 CONVERTER = ROOT / ".assets" / "llama.cpp" / "convert_hf_to_gguf.py"
+DOCS = Path("/usr/share/doc/python3.11/html/_sources")  # Debian's python3.11-doc: real English text
 
 
 def load() -> str:
@@ -75,11 +76,7 @@ def main() -> None:
     if not (folders["original"] / "config.json").is_file():
         convert(gguf, folders["original"], 3, progress=False)
     if not (folders["mqa"] / "config.json").is_file():
-        kw = (
-            {}
-            if args.method == "mean"
-            else {"calibration": "/usr/share/doc/python3.11/html/_sources/tutorial"}
-        )
+        kw = {} if args.method == "mean" else {"calibration": str(DOCS / "tutorial")}
         convert(gguf, folders["mqa"], 1, method=args.method, progress=False, **kw)
     formats = args.formats.split(",")
     for name, folder in folders.items():
@@ -126,7 +123,7 @@ def high_level(work: Path, fmt: str, fa: str, args: argparse.Namespace) -> None:
 
     from llama_cpp import Llama
 
-    source = Path("/usr/share/doc/python3.11/html/_sources/library/stdtypes.rst.txt")
+    source = DOCS / "library" / "stdtypes.rst.txt"
     if not source.is_file():
         sys.exit(f"error: {source} is missing: run `bash scripts/setup.sh` first (Debian's python3.11-doc)")
     text = source.read_text()
