@@ -141,6 +141,27 @@ def test_zero3_model_loads_in_stock_transformers(zero3, world):
 
 
 @pytest.mark.slow
+def test_zero3_distillation_trains_like_data_parallel(world, refs, tmp_path):
+    """Distillation under ZeRO-3: the teacher is loaded while ZeRO-3's ``zero.Init`` partitions every
+    model transformers builds, so it must run through a DeepSpeed engine that gathers its shards (a
+    teacher left partitioned has empty weights). Same loss and weights as the one-process run."""
+    distill = {"teacher": str(world / "teacher"), "weight": 0.5}
+    ref = tmp_path / "ref"
+    uptrain(config_from_dict(recipe(world, ref, distill=distill)))
+    r = write_recipe(
+        tmp_path / "r.yaml", recipe(world, tmp_path / "run", optim={"batch_size": 2}, distill=distill)
+    )
+    ok(launch("deepspeed-zero3.yaml", r, tmp_path))
+    out = tmp_path / "run"
+    assert abs(eval_after(out) - eval_after(ref)) < LOSS_TOL
+    close(model_weights(out), model_weights(ref), WEIGHT_ATOL)
+    # The teacher counted: the same run without it ends elsewhere.
+    no_kd, kd = model_weights(refs["fp32"]), model_weights(ref)
+    worst = max((no_kd[k] - kd[k]).abs().max().item() for k in kd)
+    assert worst > 20 * WEIGHT_ATOL
+
+
+@pytest.mark.slow
 def test_zero2_bf16_in_bf16_out_and_resume(world, refs, tmp_path):
     """ZeRO-2 from a bf16 checkpoint: process 0 fails at step 3, --resume finishes; the float32
     weights of the last checkpoint are the data-parallel run's, and model/ is bf16."""

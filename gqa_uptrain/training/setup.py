@@ -305,15 +305,47 @@ def _load_teacher(cfg: UptrainConfig, accelerator: Accelerator, student: torch.n
         with_tokenizer=False,
     ).model
     teacher.eval().requires_grad_(False)  # no dropout in the targets, no gradients kept
-    t_vocab = teacher.get_output_embeddings().weight.shape[0]
-    s_vocab = student.get_output_embeddings().weight.shape[0]
+    t_vocab, s_vocab = (_rows(m.get_output_embeddings().weight) for m in (teacher, student))
     if t_vocab != s_vocab:
         raise ConfigError(
             f"recipe key distill.teacher: teacher vocabulary ({t_vocab}) differs from the student's ({s_vocab}); "
             "give the original checkpoint this model was converted from"
         )
-    # The teacher takes no optimizer and no gradient sync: it is replicated on each device.
+    # The teacher takes no optimizer and no gradient sync: it is replicated on each device, except
+    # under ZeRO-3 (sharded like the student: _teacher_engine, once the run's DeepSpeed config is final).
     return teacher.to(accelerator.device)
+
+
+def _rows(weight: torch.Tensor) -> int:
+    """A weight matrix's row count, also when ZeRO-3 has cut it into a 1-D shard (``ds_shape``)."""
+    return (getattr(weight, "ds_shape", None) or weight.shape)[0]
+
+
+def _zero_stage(accelerator: Accelerator) -> int | None:
+    """The run's DeepSpeed ZeRO stage, or ``None`` when DeepSpeed is not in use."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else int(plugin.deepspeed_config["zero_optimization"]["stage"])
+
+
+def _teacher_engine(teacher: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
+    """Under ZeRO-3, the teacher behind a DeepSpeed engine of its own, sharded as the student is.
+
+    While the run's ZeRO-3 config is active, ``from_pretrained`` partitions every model it builds
+    (``zero.Init``), the teacher too: each process holds a 1-D shard of every weight, and only an
+    engine's hooks gather them for a forward (a bare teacher fails, or would compute from empty
+    weights). It gets the student's config as ``accelerator.prepare`` completed it, without an
+    optimizer or scheduler (it trains nothing): a 70B teacher then costs each GPU 1/N of its weights.
+    """
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+    return engine
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -447,6 +479,8 @@ def setup(
         train_loader, eval_loader = _loaders(cfg, data)
 
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if teacher is not None and _zero_stage(accelerator) == 3:
+        teacher = _teacher_engine(teacher, accelerator)  # collective, as prepare() is
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     with all_ranks(accelerator, "applying the speed settings"):
