@@ -114,6 +114,50 @@ def main() -> None:
             f"  {key:>20}: decode {r['decode_tokens_per_s']:.2f}x, prompt {r['prompt_tokens_per_s']:.2f}x, "
             f"KV {r['kv_bytes']:.3f}x  [{ok}]  (load {r['load_before']} -> {r['load_after']})"
         )
+    print_context_costs(work, formats, args)
+
+
+def context_cost(contexts: list[int], step_ms: list[float]) -> tuple[float, float]:
+    """Least-squares fit of one model's decode step time: ``step_ms = fixed + per_1k * context / 1000``.
+
+    ``fixed`` is what a step costs whatever the cache holds (weights, logits, graph); ``per_1k`` what
+    each 1,000 cached tokens add (reading the cache and attention's arithmetic over it).
+    """
+    import numpy as np
+
+    per_token, fixed = np.polyfit(np.asarray(contexts, float), np.asarray(step_ms, float), 1)
+    return float(fixed), float(per_token * 1000)
+
+
+def print_context_costs(work: Path, formats: list[str], args: argparse.Namespace) -> None:
+    """Where two or more contexts share a sequence count: each model's fixed and per-context decode cost.
+
+    If reading the cache set the pace, the 3 -> 1 model's cost per cached token would be a third of the
+    original's; the measured ratio of the two per-token costs is the decode ratio's limit at long context.
+    """
+    settings = [s.split("x") for s in args.settings.split(",")]
+    for fmt, fa, seqs in (
+        (f, a, q)
+        for f in formats
+        for a in args.flash_attn.split(",")
+        for q in sorted({q for _, q in settings}, key=int)
+    ):
+        contexts = sorted(int(c) for c, q in settings if q == seqs)
+        if len(contexts) < 2:
+            continue
+        steps: dict[str, list[float]] = {"model": [], "baseline": []}  # the 3 -> 1 model, the original
+        for c in contexts:
+            models = json.loads((work / f"report-{fmt}-fa-{fa}-{c}x{seqs}.json").read_text())["models"]
+            for m in models:
+                steps[m["role"]].append(
+                    1000 * int(seqs) / m["speed"][0]["decode_tokens_per_s"]
+                )  # ms per step
+        (mf, mc), (of, oc) = (context_cost(contexts, steps[r]) for r in ("model", "baseline"))
+        print(
+            f"  {fmt} fa-{fa} x{seqs}, contexts {contexts}: step = fixed + per 1k tokens of context: "
+            f"original {of:.1f} + {oc:.2f} ms, 3 -> 1 {mf:.1f} + {mc:.2f} ms; per cached token "
+            f"{mc / oc:.2f}x the original's (the cache is 0.33x); decode ratio -> {oc / mc:.2f}x as context grows"
+        )
 
 
 def high_level(work: Path, fmt: str, fa: str, args: argparse.Namespace) -> None:
