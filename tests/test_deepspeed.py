@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 uptraining on two CPU processes (gloo), through the shipped accelerate
 configs: the same result as data parallel, weight decay on the matrices, exact resume after a crash,
-an error on one process ending both within 60 s, and a final model/ that stock transformers loads in
-the input checkpoint's dtype.
+an error on one process ending both within 60 s, a final model/ that stock transformers loads in
+the input checkpoint's dtype, and distillation (the teacher sharded like the student under ZeRO-3).
 
 Runs shared between assertions (each launch costs about 25 s): one uninterrupted ZeRO-3 run, and one
 ZeRO-2 run on a bf16 checkpoint that fails on process 0 at step 3 and is resumed (ZeRO-3's crash and
@@ -141,17 +141,18 @@ def test_zero3_model_loads_in_stock_transformers(zero3, world):
 
 
 @pytest.mark.slow
-def test_zero3_distillation_trains_like_data_parallel(world, refs, tmp_path):
-    """Distillation under ZeRO-3: the teacher is loaded while ZeRO-3's ``zero.Init`` partitions every
-    model transformers builds, so it must run through a DeepSpeed engine that gathers its shards (a
-    teacher left partitioned has empty weights). Same loss and weights as the one-process run."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_distillation_under_zero_trains_like_data_parallel(world, refs, tmp_path, stage):
+    """Distillation under ZeRO: same loss and weights as the one-process run. Under ZeRO-3 the teacher
+    is loaded while ``zero.Init`` partitions every model transformers builds, so it must run through a
+    DeepSpeed engine that gathers its shards (a teacher left partitioned has empty weights)."""
     distill = {"teacher": str(world / "teacher"), "weight": 0.5}
     ref = tmp_path / "ref"
     uptrain(config_from_dict(recipe(world, ref, distill=distill)))
     r = write_recipe(
         tmp_path / "r.yaml", recipe(world, tmp_path / "run", optim={"batch_size": 2}, distill=distill)
     )
-    ok(launch("deepspeed-zero3.yaml", r, tmp_path))
+    ok(launch(f"deepspeed-zero{stage}.yaml", r, tmp_path))
     out = tmp_path / "run"
     assert abs(eval_after(out) - eval_after(ref)) < LOSS_TOL
     close(model_weights(out), model_weights(ref), WEIGHT_ATOL)
