@@ -148,10 +148,8 @@ def print_context_costs(work: Path, formats: list[str], args: argparse.Namespace
         steps: dict[str, list[float]] = {"model": [], "baseline": []}  # the 3 -> 1 model, the original
         for c in contexts:
             models = json.loads((work / f"report-{fmt}-fa-{fa}-{c}x{seqs}.json").read_text())["models"]
-            for m in models:
-                steps[m["role"]].append(
-                    1000 * int(seqs) / m["speed"][0]["decode_tokens_per_s"]
-                )  # ms per step
+            for m in models:  # a step decodes one token of each sequence
+                steps[m["role"]].append(1000 * int(seqs) / m["speed"][0]["decode_tokens_per_s"])
         (mf, mc), (of, oc) = (context_cost(contexts, steps[r]) for r in ("model", "baseline"))
         print(
             f"  {fmt} fa-{fa} x{seqs}, contexts {contexts}: step = fixed + per 1k tokens of context: "
