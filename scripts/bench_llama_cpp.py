@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +92,8 @@ def main() -> None:
                 high_level(work, fmt, fa, args)
         return
     summary = {}
+    # (format, flash attention, sequences) -> role ("model": 3 -> 1, "baseline": the original) -> [(context, ms)]
+    steps: dict[tuple[str, str, int], dict[str, list[tuple[int, float]]]] = {}
     for fmt, fa, setting in (
         (f, a, s) for f in formats for a in args.flash_attn.split(",") for s in args.settings.split(",")
     ):
@@ -105,8 +108,12 @@ def main() -> None:
         before = load()
         print(f"$ {' '.join(cmd)}\n  load before: {before}", flush=True)
         subprocess.run(cmd, check=True)
-        rel = json.loads(report.read_text())["relative"]["speed"][0]
+        measured = json.loads(report.read_text())
+        rel = measured["relative"]["speed"][0]
         summary[f"{fmt} fa-{fa} {setting}"] = {**rel, "load_before": before, "load_after": load()}
+        for m in measured["models"]:  # ms per decode step; a step decodes one token of each sequence
+            ms = 1000 * int(seqs) / m["speed"][0]["decode_tokens_per_s"]
+            steps.setdefault((fmt, fa, int(seqs)), {}).setdefault(m["role"], []).append((int(context), ms))
     print("\nllama.cpp, SmolLM2-135M 3 -> 1 (" + args.method + ") / original, " + f"{args.threads} threads:")
     for key, r in summary.items():
         ok = "OK" if r["decode_tokens_per_s"] >= 1.5 and abs(r["kv_bytes"] - 1 / 3) < 0.01 else "BELOW TARGET"
@@ -114,10 +121,10 @@ def main() -> None:
             f"  {key:>20}: decode {r['decode_tokens_per_s']:.2f}x, prompt {r['prompt_tokens_per_s']:.2f}x, "
             f"KV {r['kv_bytes']:.3f}x  [{ok}]  (load {r['load_before']} -> {r['load_after']})"
         )
-    print_context_costs(work, formats, args)
+    print_context_costs(steps)
 
 
-def context_cost(contexts: list[int], step_ms: list[float]) -> tuple[float, float]:
+def context_cost(contexts: Sequence[int], step_ms: Sequence[float]) -> tuple[float, float]:
     """Least-squares fit of one model's decode step time: ``step_ms = fixed + per_1k * context / 1000``.
 
     ``fixed`` is what a step costs whatever the cache holds (weights, logits, graph); ``per_1k`` what
@@ -129,28 +136,19 @@ def context_cost(contexts: list[int], step_ms: list[float]) -> tuple[float, floa
     return float(fixed), float(per_token * 1000)
 
 
-def print_context_costs(work: Path, formats: list[str], args: argparse.Namespace) -> None:
+def print_context_costs(steps: dict[tuple[str, str, int], dict[str, list[tuple[int, float]]]]) -> None:
     """Where two or more contexts share a sequence count: each model's fixed and per-context decode cost.
 
     If reading the cache set the pace, the 3 -> 1 model's cost per cached token would be a third of the
     original's; the measured ratio of the two per-token costs is the decode ratio's limit at long context.
     """
-    settings = [s.split("x") for s in args.settings.split(",")]
-    for fmt, fa, seqs in (
-        (f, a, q)
-        for f in formats
-        for a in args.flash_attn.split(",")
-        for q in sorted({q for _, q in settings}, key=int)
-    ):
-        contexts = sorted(int(c) for c, q in settings if q == seqs)
-        if len(contexts) < 2:
+    for (fmt, fa, seqs), by_role in sorted(steps.items()):
+        if len(by_role["model"]) < 2:
             continue
-        steps: dict[str, list[float]] = {"model": [], "baseline": []}  # the 3 -> 1 model, the original
-        for c in contexts:
-            models = json.loads((work / f"report-{fmt}-fa-{fa}-{c}x{seqs}.json").read_text())["models"]
-            for m in models:  # a step decodes one token of each sequence
-                steps[m["role"]].append(1000 * int(seqs) / m["speed"][0]["decode_tokens_per_s"])
-        (mf, mc), (of, oc) = (context_cost(contexts, steps[r]) for r in ("model", "baseline"))
+        (mf, mc), (of, oc) = (
+            context_cost(*zip(*sorted(by_role[r]), strict=True)) for r in ("model", "baseline")
+        )
+        contexts = sorted(c for c, _ in by_role["model"])
         print(
             f"  {fmt} fa-{fa} x{seqs}, contexts {contexts}: step = fixed + per 1k tokens of context: "
             f"original {of:.1f} + {oc:.2f} ms, 3 -> 1 {mf:.1f} + {mc:.2f} ms; per cached token "
