@@ -305,7 +305,7 @@ def _load_teacher(cfg: UptrainConfig, accelerator: Accelerator, student: torch.n
         with_tokenizer=False,
     ).model
     teacher.eval().requires_grad_(False)  # no dropout in the targets, no gradients kept
-    t_vocab, s_vocab = (_rows(m.get_output_embeddings().weight) for m in (teacher, student))
+    t_vocab, s_vocab = (_full_shape(m.get_output_embeddings().weight)[0] for m in (teacher, student))
     if t_vocab != s_vocab:
         raise ConfigError(
             f"recipe key distill.teacher: teacher vocabulary ({t_vocab}) differs from the student's ({s_vocab}); "
@@ -316,9 +316,9 @@ def _load_teacher(cfg: UptrainConfig, accelerator: Accelerator, student: torch.n
     return teacher.to(accelerator.device)
 
 
-def _rows(weight: torch.Tensor) -> int:
-    """A weight matrix's row count, also when ZeRO-3 has cut it into a 1-D shard (``ds_shape``)."""
-    return (getattr(weight, "ds_shape", None) or weight.shape)[0]
+def _full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's shape in the model, also when ZeRO-3 has cut it into a 1-D shard (``ds_shape``)."""
+    return getattr(p, "ds_shape", None) or p.shape
 
 
 def _zero_stage(accelerator: Accelerator) -> int | None:
@@ -359,8 +359,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            shape = getattr(p, "ds_shape", None) or p.shape
-            (decay if len(shape) >= 2 else no_decay).append(p)
+            (decay if len(_full_shape(p)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
