@@ -81,14 +81,33 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
     accelerator = make_accelerator(config, out)
     # failure_watch: an exception on one process (in a step, an evaluation, a sharded save) ends
     # every process within seconds, naming it, with no extra sync per step (distributed.FailureWatch).
-    with claim_run_folder(config, accelerator, out) as resume_from, failure_watch(accelerator) as watch:
-        run, state = setup(config, accelerator, out, resume_from)
-        if watch is not None:
-            watch.doing = lambda: f"training (step {state.step + 1} of {run.total_steps})"
-        result = fit(run, state)
-        if watch is not None:
-            watch.doing = "saving the final checkpoint and model"
-        return finish(run, state, result)
+    try:
+        with claim_run_folder(config, accelerator, out) as resume_from, failure_watch(accelerator) as watch:
+            run, state = setup(config, accelerator, out, resume_from)
+            if watch is not None:
+                watch.doing = lambda: f"training (step {state.step + 1} of {run.total_steps})"
+            result = fit(run, state)
+            if watch is not None:
+                watch.doing = "saving the final checkpoint and model"
+            return finish(run, state, result)
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy this process's process group (if any) while the interpreter is whole, also after a failure.
+
+    Left to the interpreter's exit, gloo's worker threads can be torn down during finalization and
+    abort the process (SIGABRT, "terminate called without an active exception") after its one-line
+    error was printed, so its exit code no longer says what happened. The destroy is local: it waits
+    only for this process's own collectives in flight, and where a failure left one waiting for a
+    peer, the peer's failure watch ends it within seconds, which ends the collective. A no-op in one
+    process.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass
