@@ -144,9 +144,14 @@ def uptrain(
             )
         return
 
+    from ..training.loop import end_process_group
     from ..training.loop import uptrain as run_uptrain
 
-    result = run_command(lambda: run_uptrain(cfg))
+    try:
+        result = run_command(lambda: run_uptrain(cfg))
+    except typer.Exit:
+        end_process_group()  # after the error line (see end_process_group)
+        raise
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under torchrun / accelerate launch, rank 0 reports

@@ -81,28 +81,27 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
     accelerator = make_accelerator(config, out)
     # failure_watch: an exception on one process (in a step, an evaluation, a sharded save) ends
     # every process within seconds, naming it, with no extra sync per step (distributed.FailureWatch).
-    try:
-        with claim_run_folder(config, accelerator, out) as resume_from, failure_watch(accelerator) as watch:
-            run, state = setup(config, accelerator, out, resume_from)
-            if watch is not None:
-                watch.doing = lambda: f"training (step {state.step + 1} of {run.total_steps})"
-            result = fit(run, state)
-            if watch is not None:
-                watch.doing = "saving the final checkpoint and model"
-            return finish(run, state, result)
-    finally:
-        end_process_group()
+    with claim_run_folder(config, accelerator, out) as resume_from, failure_watch(accelerator) as watch:
+        run, state = setup(config, accelerator, out, resume_from)
+        if watch is not None:
+            watch.doing = lambda: f"training (step {state.step + 1} of {run.total_steps})"
+        result = fit(run, state)
+        if watch is not None:
+            watch.doing = "saving the final checkpoint and model"
+        result = finish(run, state, result)
+    end_process_group()
+    return result
 
 
 def end_process_group() -> None:
-    """Destroy this process's process group (if any) while the interpreter is whole, also after a failure.
+    """Destroy this process's process group (if any) while the interpreter is whole.
 
     Left to the interpreter's exit, gloo's worker threads can be torn down during finalization and
-    abort the process (SIGABRT, "terminate called without an active exception") after its one-line
-    error was printed, so its exit code no longer says what happened. The destroy is local: it waits
-    only for this process's own collectives in flight, and where a failure left one waiting for a
-    peer, the peer's failure watch ends it within seconds, which ends the collective. A no-op in one
-    process.
+    abort the process (SIGABRT, "terminate called without an active exception"), so its exit code
+    no longer says what happened. :func:`uptrain` calls this when the run ends; after a failure the
+    command calls it once the one-line error is printed (``cli.uptrain``): the destroy waits for this
+    process's own collectives in flight, and the launcher may end the process meanwhile. A no-op in
+    one process.
     """
     import torch.distributed as dist
 
